@@ -1,0 +1,727 @@
+//! Pid 1 of a sandbox: the container setup (one straight-line function in the known-correct
+//! order), then a small init that reaps zombies, forwards signals, and forks + execs commands on
+//! request from its control socket.
+
+use super::proto::{
+    self, ExecEvent, ExecRequest, HelperConfig, SetupMsg, StdioWire, WaitStatus,
+};
+use super::{capabilities, seccomp::CompiledSeccomp, sys};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// Paths hidden from the sandbox: files get /dev/null bound over them, directories a read-only
+/// empty tmpfs (kernel memory, keyrings, timers, hardware details).
+const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths bound read-only (kernel knobs a sandbox must not turn).
+const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Device nodes bound from the host into the sandbox's /dev (a user namespace cannot mknod).
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Signals init forwards to every process it started.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+struct SetupError {
+    step: String,
+    error: String,
+}
+
+fn step<T, E: std::fmt::Display>(name: impl Into<String>, r: Result<T, E>) -> Result<T, SetupError> {
+    r.map_err(|e| SetupError {
+        step: name.into(),
+        error: e.to_string(),
+    })
+}
+
+/// Entry of the cloned child. Never returns.
+pub fn main(cfg: &HelperConfig, sync: OwnedFd, listener: OwnedFd) -> ! {
+    let _ = nix::sys::prctl::set_name(c"sbx:[init]");
+    match setup(cfg, &sync, &listener) {
+        Ok(devnull) => {
+            if proto::send(sync.as_raw_fd(), "ready", &SetupMsg::Ready, &[]).is_err() {
+                sys::exit_now(1);
+            }
+            drop(sync);
+            let mut init = Init {
+                listener,
+                seccomp: cfg.seccomp.clone(),
+                devnull,
+                conns: HashMap::new(),
+                procs: HashMap::new(),
+                entrypoint: None,
+            };
+            init.run()
+        }
+        Err(e) => {
+            let _ = proto::send(
+                sync.as_raw_fd(),
+                "failed",
+                &SetupMsg::Failed {
+                    step: e.step,
+                    error: e.error,
+                },
+                &[],
+            );
+            sys::exit_now(1)
+        }
+    }
+}
+
+/// The setup sequence, in order. Each step says why it is where it is.
+fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<OwnedFd, SetupError> {
+    // 1. Wait until the parent has written our uid/gid maps and put us in the cgroup: before the
+    //    maps exist every id is the overflow id and setresuid/mounts fail.
+    match step("wait for the id mappings", proto::expect::<SetupMsg>(sync.as_raw_fd(), "mapping"))? {
+        (SetupMsg::MappingWritten, _) => {}
+        (other, _) => {
+            return Err(SetupError {
+                step: "wait for the id mappings".into(),
+                error: format!("unexpected message {other:?}"),
+            })
+        }
+    }
+    // 2. Nothing we mount may propagate to the helper's namespace (rslave, as runc).
+    step(
+        "make / a recursive slave",
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>),
+    )?;
+    // 3. Bind the rootfs onto itself, still as host uid 0: the overlay came from the helper's
+    //    namespace and is locked here (pivot_root refuses a locked new root with EINVAL); a bind
+    //    made in our own namespace is not. Its host path runs through root-only directories the
+    //    sandbox's root (an unmapped owner there) could not traverse, so we enter it now and use
+    //    relative paths from here on.
+    let merged = &cfg.rootfs.merged;
+    step(
+        format!("bind the rootfs {} onto itself", merged.display()),
+        mount(Some(merged), merged, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+    )?;
+    step(format!("chdir to the rootfs {}", merged.display()), nix::unistd::chdir(merged))?;
+    // 4. Become root of the new user namespace (keep caps across the switch), drop host groups.
+    step("keep capabilities", nix::sys::prctl::set_keepcaps(true))?;
+    step("switch to uid/gid 0 in the sandbox", sys::set_ids(0, 0))?;
+    step("clear supplementary groups", nix::unistd::setgroups(&[]))?;
+    // 5. Not dumpable: sandbox processes (same uid) must not ptrace init or open /proc/1/mem;
+    //    our mm belongs to the host user namespace, so the kernel refuses them.
+    step("mark init non-dumpable", nix::sys::prctl::set_dumpable(false))?;
+    // 6. New session: a controlling tty needs it, and a dying session leader cannot SIGHUP us.
+    step("start a new session", nix::unistd::setsid())?;
+    // 7. Join a fresh cgroup namespace now that we are inside our cgroup (it becomes our root).
+    step("unshare the cgroup namespace", unshare(CloneFlags::CLONE_NEWCGROUP))?;
+    let root = Path::new(".");
+    // 8. Kernel filesystems under the new root, before pivot_root: in a user namespace a new
+    //    procfs/sysfs is allowed only while a full one is still visible. /proc is mounted by us,
+    //    pid 1 of the new pid namespace, so it shows only the sandbox's processes.
+    mount_proc(root)?;
+    mount_dev(root)?;
+    mount_sys(root)?;
+    // 9. pivot_root(".", ".") dance: the host root becomes unreachable.
+    pivot(root)?;
+    // 10. Mask and make read-only the dangerous parts of /proc and /sys (after pivot, with the
+    //    sandbox's own /dev/null, verified to be the null device).
+    let devnull = step(
+        "open the sandbox /dev/null",
+        nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()),
+    )?;
+    // SAFETY-free: wrap the raw fd we just opened.
+    let devnull = owned(devnull);
+    verify_dev_null(&devnull)?;
+    for p in MASKED_PATHS {
+        mask(p)?;
+    }
+    for p in READONLY_PATHS {
+        readonly(p)?;
+    }
+    // 11. Hostname (we own the UTS namespace) and loopback (we own the network namespace).
+    step("set the hostname", nix::unistd::sethostname(&cfg.hostname))?;
+    step("bring up loopback", sys::loopback_up())?;
+    // 12. Re-point stdio that still refers to host files to the sandbox's /dev/null.
+    for fd in 0..3 {
+        step("re-point stdio to /dev/null", nix::unistd::dup2(devnull.as_raw_fd(), fd))?;
+    }
+    // 13. Close every inherited descriptor but ours, late (GHSA-xr7r-f8xq-vfvv).
+    step(
+        "close inherited descriptors",
+        sys::close_all_except(&[sync.as_raw_fd(), listener.as_raw_fd(), devnull.as_raw_fd()]),
+    )?;
+    // 14. Capabilities: Docker's default set, bounding set cut so no execve regains more.
+    step("restrict capabilities", capabilities::restrict_to_default())?;
+    // 15. Signals arrive on a signalfd; SIGPIPE would kill us on a vanished client.
+    sys::ignore_sigpipe();
+    step("chdir /", std::env::set_current_dir("/"))?;
+    Ok(devnull)
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn mount_proc(root: &Path) -> Result<(), SetupError> {
+    let target = root.join("proc");
+    step(
+        format!("mount proc on {}", target.display()),
+        mount(
+            Some("proc"),
+            &target,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ),
+    )
+}
+
+fn mount_dev(root: &Path) -> Result<(), SetupError> {
+    let dev = root.join("dev");
+    step(
+        format!("mount tmpfs on {}", dev.display()),
+        mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=755,size=65536k"),
+        ),
+    )?;
+    for name in DEVICES {
+        let target = dev.join(name);
+        step(format!("create {}", target.display()), std::fs::File::create(&target))?;
+        let source = Path::new("/dev").join(name);
+        step(
+            format!("bind {} on {}", source.display(), target.display()),
+            mount(
+                Some(&source),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
+        )?;
+    }
+    let pts = dev.join("pts");
+    step("mkdir /dev/pts", std::fs::create_dir(&pts))?;
+    step(
+        "mount devpts",
+        mount(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+    )?;
+    let shm = dev.join("shm");
+    step("mkdir /dev/shm", std::fs::create_dir(&shm))?;
+    step(
+        "mount /dev/shm",
+        mount(
+            Some("shm"),
+            &shm,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=1777,size=65536k"),
+        ),
+    )?;
+    let mq = dev.join("mqueue");
+    step("mkdir /dev/mqueue", std::fs::create_dir(&mq))?;
+    // mqueue belongs to our IPC namespace; a kernel without it is not an error.
+    let _ = mount(
+        Some("mqueue"),
+        &mq,
+        Some("mqueue"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    );
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        step(
+            format!("symlink /dev/{link}"),
+            std::os::unix::fs::symlink(to, dev.join(link)),
+        )?;
+    }
+    Ok(())
+}
+
+fn mount_sys(root: &Path) -> Result<(), SetupError> {
+    let target = root.join("sys");
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // A fresh sysfs is allowed because we own the network namespace; fall back to a read-only
+    // recursive bind of the host's where a kernel refuses.
+    if mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>).is_ok() {
+        return Ok(());
+    }
+    step(
+        "bind /sys",
+        mount(Some("/sys"), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+    )?;
+    step(
+        "remount /sys read-only",
+        mount(None::<&str>, &target, None::<&str>, flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT, None::<&str>),
+    )
+}
+
+fn pivot(root: &Path) -> Result<(), SetupError> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_DIRECTORY | OFlag::O_PATH | OFlag::O_CLOEXEC;
+    let old = owned(step("open the old root", open("/", flags, Mode::empty()))?);
+    let new = owned(step("open the new root", open(root, flags, Mode::empty()))?);
+    step("fchdir to the new root", nix::unistd::fchdir(new.as_raw_fd()))?;
+    step("pivot_root", nix::unistd::pivot_root(".", "."))?;
+    step("fchdir to the old root", nix::unistd::fchdir(old.as_raw_fd()))?;
+    // Slave, not private, before detaching: private would propagate the umount (runc#1500).
+    step(
+        "make the old root a slave",
+        mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>),
+    )?;
+    step("detach the old root", umount2(".", MntFlags::MNT_DETACH))?;
+    step("chdir to the new root", nix::unistd::chdir("/"))
+}
+
+fn verify_dev_null(fd: &OwnedFd) -> Result<(), SetupError> {
+    let st = step("stat /dev/null", nix::sys::stat::fstat(fd.as_raw_fd()))?;
+    let is_chr = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    if !is_chr || libc::major(st.st_rdev) != 1 || libc::minor(st.st_rdev) != 3 {
+        return Err(SetupError {
+            step: "verify /dev/null".into(),
+            error: "not the null device".into(),
+        });
+    }
+    Ok(())
+}
+
+fn mask(path: &str) -> Result<(), SetupError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()), // absent on this kernel: nothing to hide
+    };
+    if meta.is_dir() {
+        step(
+            format!("mask {path}"),
+            mount(
+                Some("tmpfs"),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=0555"),
+            ),
+        )
+    } else {
+        step(
+            format!("mask {path}"),
+            mount(Some("/dev/null"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+        )
+    }
+}
+
+fn readonly(path: &str) -> Result<(), SetupError> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    step(
+        format!("bind {path}"),
+        mount(Some(path), path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+    )?;
+    // The first bind ignores other flags; read-only takes a remount.
+    step(
+        format!("remount {path} read-only"),
+        mount(
+            None::<&str>,
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ),
+    )
+}
+
+/// The running init: its listener, the open exec connections, and which pid belongs to which.
+struct Init {
+    listener: OwnedFd,
+    seccomp: Option<CompiledSeccomp>,
+    devnull: OwnedFd,
+    /// Exec connections by fd; a connection waits for its process's exit.
+    conns: HashMap<RawFd, OwnedFd>,
+    /// Started process pid → its connection fd.
+    procs: HashMap<i32, RawFd>,
+    entrypoint: Option<i32>,
+}
+
+impl Init {
+    fn run(&mut self) -> ! {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        for s in FORWARDED {
+            mask.add(*s);
+        }
+        if mask.thread_block().is_err() {
+            sys::exit_now(1);
+        }
+        let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+            Ok(s) => s,
+            Err(_) => sys::exit_now(1),
+        };
+        loop {
+            let conn_fds: Vec<RawFd> = self.conns.keys().copied().collect();
+            // SAFETY-free borrows: every fd here is owned by `self` or a local for the poll call.
+            let mut fds = vec![
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            ];
+            for fd in &conn_fds {
+                fds.push(PollFd::new(self.conns[fd].as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => sys::exit_now(1),
+            }
+            let listen_ready = fds[0].any().unwrap_or(false);
+            let sig_ready = fds[1].any().unwrap_or(false);
+            let closed: Vec<RawFd> = conn_fds
+                .iter()
+                .zip(&fds[2..])
+                .filter(|(_, p)| p.any().unwrap_or(false))
+                .map(|(fd, _)| *fd)
+                .collect();
+            drop(fds);
+            if sig_ready {
+                self.on_signals(&sfd);
+            }
+            for fd in closed {
+                // The client went away (or sent more than one request): forget the connection;
+                // the process keeps running.
+                self.conns.remove(&fd);
+            }
+            if listen_ready {
+                self.accept();
+            }
+        }
+    }
+
+    fn on_signals(&mut self, sfd: &SignalFd) {
+        while let Ok(Some(info)) = sfd.read_signal() {
+            let sig = info.ssi_signo as i32;
+            if sig == libc::SIGCHLD {
+                continue;
+            }
+            if let Ok(s) = Signal::try_from(sig) {
+                for pid in self.procs.keys() {
+                    // Each started process leads its own session and group.
+                    let _ = nix::sys::signal::kill(Pid::from_raw(-pid), s);
+                }
+            }
+        }
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => {
+                    let (Some(pid), Some(status)) = (s.pid(), WaitStatus::from_nix(s)) else {
+                        continue;
+                    };
+                    let pid = pid.as_raw();
+                    if let Some(conn) = self.procs.remove(&pid) {
+                        if let Some(c) = self.conns.remove(&conn) {
+                            let _ = proto::send(c.as_raw_fd(), "exited", &ExecEvent::Exited { status }, &[]);
+                        }
+                    }
+                    if self.entrypoint == Some(pid) {
+                        // The sandbox ends with its entrypoint; the kernel kills the rest of the
+                        // pid namespace when we exit.
+                        sys::exit_now(status.exit_code());
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        use nix::sys::socket::{accept4, SockFlag};
+        let Ok(raw) = accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) else {
+            return;
+        };
+        let conn = owned(raw);
+        let req = match proto::recv::<ExecRequest>(conn.as_raw_fd(), "exec request") {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = proto::send(
+                    conn.as_raw_fd(),
+                    "failed",
+                    &ExecEvent::Failed {
+                        step: format!("read the request: {e}"),
+                        errno: libc::EINVAL,
+                    },
+                    &[],
+                );
+                return;
+            }
+        };
+        let (req, fds) = req;
+        match self.start(&req, fds) {
+            Ok((pid, master)) => {
+                let extra: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
+                let _ = proto::send(conn.as_raw_fd(), "started", &ExecEvent::Started { pid: pid.as_raw() }, &extra);
+                if req.entrypoint && self.entrypoint.is_none() {
+                    self.entrypoint = Some(pid.as_raw());
+                }
+                self.procs.insert(pid.as_raw(), conn.as_raw_fd());
+                self.conns.insert(conn.as_raw_fd(), conn);
+                // It may already have exited before we recorded it.
+                self.reap();
+            }
+            Err((step, errno)) => {
+                let _ = proto::send(conn.as_raw_fd(), "failed", &ExecEvent::Failed { step, errno }, &[]);
+            }
+        }
+    }
+
+    /// Fork and exec one request; returns the pid (and pty master) once execve succeeded.
+    fn start(
+        &mut self,
+        req: &ExecRequest,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Pid, Option<OwnedFd>), (String, i32)> {
+        let fail = |s: &str, e: nix::Error| (s.to_string(), e as i32);
+        if req.argv.is_empty() {
+            return Err(("parse argv: empty".into(), libc::EINVAL));
+        }
+        // Everything that allocates or may fail is prepared before fork.
+        let argv: Vec<CString> = req
+            .argv
+            .iter()
+            .map(|a| CString::new(a.as_str()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| ("argv holds a NUL byte".to_string(), libc::EINVAL))?;
+        let env: Vec<CString> = req
+            .env
+            .iter()
+            .map(|a| CString::new(a.as_str()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| ("env holds a NUL byte".to_string(), libc::EINVAL))?;
+        let path_var = req
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+        let program = resolve_program(&req.argv[0], path_var, &req.cwd)
+            .ok_or_else(|| (format!("find {:?}", req.argv[0]), libc::ENOENT))?;
+        let program = CString::new(program.into_os_string().into_encoded_bytes())
+            .map_err(|_| ("program path".to_string(), libc::EINVAL))?;
+
+        let mut stdio: [Option<RawFd>; 3] = [None, None, None];
+        let mut it = fds.iter();
+        for (i, w) in [req.stdin, req.stdout, req.stderr].iter().enumerate() {
+            stdio[i] = match w {
+                StdioWire::Fd => Some(
+                    it.next()
+                        .map(|f| f.as_raw_fd())
+                        .ok_or_else(|| ("stdio: missing descriptor".to_string(), libc::EBADF))?,
+                ),
+                StdioWire::Null => Some(self.devnull.as_raw_fd()),
+                StdioWire::Stdout => None,
+            };
+        }
+        let pty = match req.pty {
+            Some((rows, cols)) => Some(open_pty(rows, cols).map_err(|e| fail("open a pty", e))?),
+            None => None,
+        };
+
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail("pipe", e))?;
+        match sys::fork().map_err(|e| fail("fork", e))? {
+            None => {
+                drop(err_r);
+                let e = exec_child(req, &stdio, pty.as_ref().map(|p| &p.1), &program, &argv, &env, self.seccomp.as_ref());
+                let code = e.1 as i32;
+                let _ = nix::unistd::write(&err_w, &code.to_ne_bytes());
+                let _ = nix::unistd::write(&err_w, e.0.as_bytes());
+                sys::exit_now(127)
+            }
+            Some(pid) => {
+                drop(err_w);
+                drop(fds);
+                // EOF means execve succeeded (the pipe was close-on-exec); else errno + step.
+                let mut buf = [0u8; 512];
+                let mut n = 0;
+                loop {
+                    match nix::unistd::read(err_r.as_raw_fd(), &mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            n += k;
+                            if n == buf.len() {
+                                break;
+                            }
+                        }
+                        Err(nix::Error::EINTR) => continue,
+                        Err(_) => break,
+                    }
+                }
+                if n >= 4 {
+                    let errno = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                    let what = String::from_utf8_lossy(&buf[4..n]).into_owned();
+                    let _ = waitpid(pid, None);
+                    return Err((what, errno));
+                }
+                Ok((pid, pty.map(|p| p.0)))
+            }
+        }
+    }
+}
+
+/// Find the program like execvp: a name with a slash is taken as is (relative to cwd).
+fn resolve_program(name: &str, path_var: &str, cwd: &str) -> Option<PathBuf> {
+    use nix::unistd::{access, AccessFlags};
+    if name.contains('/') {
+        let p = if name.starts_with('/') {
+            PathBuf::from(name)
+        } else {
+            Path::new(cwd).join(name)
+        };
+        return Some(p);
+    }
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file() && access(p.as_path(), AccessFlags::X_OK).is_ok())
+}
+
+/// A pty from the sandbox's devpts: (master, slave). The master is verified to be devpts
+/// (CVE-2025-52565).
+fn open_pty(rows: u16, cols: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{open, OFlag};
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    if !sys::is_devpts(master.as_raw_fd()) {
+        return Err(nix::Error::EPERM);
+    }
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname_r(&master)?;
+    sys::set_winsize(master.as_raw_fd(), rows, cols)?;
+    let slave = owned(open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?);
+    let master = owned(std::os::fd::IntoRawFd::into_raw_fd(master));
+    Ok((master, slave))
+}
+
+/// In the forked child: the per-process part of the setup, seccomp last, then execve.
+/// Returns only on failure, with the step and errno.
+fn exec_child(
+    req: &ExecRequest,
+    stdio: &[Option<RawFd>; 3],
+    pty_slave: Option<&OwnedFd>,
+    program: &CString,
+    argv: &[CString],
+    env: &[CString],
+    seccomp: Option<&CompiledSeccomp>,
+) -> (&'static str, nix::Error) {
+    macro_rules! try_step {
+        ($name:expr, $e:expr) => {
+            if let Err(e) = $e {
+                return ($name, e);
+            }
+        };
+    }
+    // Signals: init blocks them for its signalfd; the payload starts with defaults.
+    sys::reset_signals();
+    // Own session and process group, so signals and a tty apply to the whole job.
+    try_step!("setsid", nix::unistd::setsid().map(drop));
+    if let Some(slave) = pty_slave {
+        try_step!("set the controlling tty", sys::set_controlling_tty(slave.as_raw_fd()));
+        for fd in 0..3 {
+            try_step!("dup2 the pty", nix::unistd::dup2(slave.as_raw_fd(), fd).map(drop));
+        }
+    } else {
+        // dup2 onto 0..2 in an order that cannot clobber a source: move sources above 2 first.
+        let mut moved = [-1; 3];
+        for (i, s) in stdio.iter().enumerate() {
+            if let Some(fd) = s {
+                match nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)) {
+                    Ok(n) => moved[i] = n,
+                    Err(e) => return ("dup stdio", e),
+                }
+            }
+        }
+        for i in 0..3 {
+            let src = if moved[i] >= 0 { moved[i] } else { moved[1] };
+            try_step!("dup2 stdio", nix::unistd::dup2(src, i as RawFd).map(drop));
+        }
+    }
+    // cwd before dropping ids (a root-only dir), retried after (a dir only the user can enter).
+    let cwd_ok = nix::unistd::chdir(req.cwd.as_str()).is_ok();
+    if req.uid != 0 || req.gid != 0 {
+        try_step!("setgroups", nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(req.gid)]));
+        try_step!("set uid/gid", sys::set_ids(req.uid, req.gid));
+    }
+    if !cwd_ok {
+        try_step!("chdir to the working directory", nix::unistd::chdir(req.cwd.as_str()));
+    }
+    // Nothing of init's leaks into the payload (its listener, other connections).
+    try_step!("mark descriptors close-on-exec", sys::cloexec_from(3));
+    try_step!("set no_new_privs", nix::sys::prctl::set_no_new_privs());
+    // seccomp last, right before execve: earlier, the profile would have to allow setuid,
+    // capset and friends (runc#789).
+    if let Some(filter) = seccomp {
+        if filter.install().is_err() {
+            return ("install the seccomp filter", nix::Error::EPERM);
+        }
+    }
+    match nix::unistd::execve(program, argv, env) {
+        Err(e) => ("execve", e),
+        Ok(never) => match never {},
+    }
+}

@@ -1,0 +1,832 @@
+//! The isolation runtime: spawn a sandbox (fresh namespaces, overlay rootfs, cgroup limits,
+//! seccomp, Docker's capability set), exec processes in it, and tear it down without leaks.
+//!
+//! Process model: the caller (the daemon, a test) fork+execs `sbx-init` as a single-threaded
+//! helper; the helper builds the rootfs in a private mount namespace and clones init (pid 1) into
+//! new user/pid/mount/net/uts/ipc namespaces; init joins a new cgroup namespace, pivots into the
+//! rootfs and serves exec requests on a control socket bound at a host path. Execs connect to
+//! that socket directly, so an exec is one connect + one fork + one execve.
+
+pub mod capabilities;
+pub mod cgroups;
+pub mod helper;
+pub mod idmap;
+pub mod init;
+pub mod proto;
+pub mod seccomp;
+pub mod sys;
+
+pub use cgroups::Limits;
+pub use proto::WaitStatus;
+pub use rootfs_fetch::ImageRef;
+pub use seccomp::SeccompProfile;
+
+use proto::{ExecEvent, ExecRequest, HelperConfig, HelperEvent, RootfsPlan, StdioWire};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+
+/// Where a runtime keeps its files and finds its helper binary.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Persistent state: image skeletons, per-sandbox writable layers. Default `/var/lib/sbx`.
+    pub state_dir: PathBuf,
+    /// Runtime files: control sockets, rootfs mount points, uid range slots. Default `/run/sbx`.
+    pub run_dir: PathBuf,
+    /// The `sbx-init` binary (helper and init).
+    pub init_binary: PathBuf,
+}
+
+impl RuntimeConfig {
+    /// Defaults: `/var/lib/sbx`, `/run/sbx`, and `sbx-init` from `$SBX_INIT` or next to the
+    /// running executable.
+    pub fn from_env() -> Self {
+        let init_binary = std::env::var_os("SBX_INIT")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("sbx-init")))
+            })
+            .unwrap_or_else(|| PathBuf::from("/usr/local/bin/sbx-init"));
+        RuntimeConfig {
+            state_dir: PathBuf::from("/var/lib/sbx"),
+            run_dir: PathBuf::from("/run/sbx"),
+            init_binary,
+        }
+    }
+}
+
+/// What to start.
+#[derive(Debug, Default)]
+pub struct SandboxSpec {
+    /// `sb-` + 12 hex digits when not given.
+    pub id: Option<String>,
+    pub image: ImageRef,
+    /// Default: `sandbox`.
+    pub hostname: Option<String>,
+    pub limits: Limits,
+    pub seccomp: SeccompProfile,
+    /// Started right after setup; the sandbox ends when it exits, with its status.
+    pub entrypoint: Option<ExecSpec>,
+}
+
+/// Where a standard stream of a process goes.
+#[derive(Debug, Default)]
+pub enum Stdio {
+    /// A pipe whose other end the caller gets in [`Process`].
+    #[default]
+    Pipe,
+    /// The sandbox's /dev/null.
+    Null,
+    /// A descriptor the caller already has (a file, a socket, a pipe end).
+    Fd(OwnedFd),
+    /// stderr only: the same pipe or descriptor as stdout.
+    MergeWithStdout,
+}
+
+/// Terminal size for a process on a pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A process to run in a sandbox.
+#[derive(Debug, Default)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    /// Added to the defaults (PATH, HOME, TERM with a pty); later entries win.
+    pub env: Vec<(String, String)>,
+    /// Absolute; default `/`.
+    pub cwd: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub stdin: Stdio,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+    /// Run on a pseudo-terminal (stdio options are then ignored; the master is in
+    /// [`Process::pty`]).
+    pub pty: Option<PtySize>,
+}
+
+impl ExecSpec {
+    /// `argv` with piped stdio and defaults otherwise.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// How a process (or a sandbox) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub status: WaitStatus,
+    /// Killed by the kernel's OOM killer in the sandbox's cgroup (read from the cgroup's
+    /// counters, not guessed from the signal).
+    pub oom: bool,
+}
+
+impl Exit {
+    /// The code, or 128+N after signal N (so an OOM kill is 137).
+    pub fn code(&self) -> i32 {
+        self.status.exit_code()
+    }
+}
+
+/// Errors of the runtime, each naming the step and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid {field}: {value:?}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error(transparent)]
+    Image(#[from] rootfs_fetch::ImageError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    IdMap(#[from] idmap::IdMapError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroups::CgroupError),
+    #[error("failed to {step} {path}: {source}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to start the helper {path}: {source}")]
+    SpawnHelper {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox setup failed at {step}: {error}")]
+    Setup { step: String, error: String },
+    #[error(transparent)]
+    Proto(#[from] proto::ProtoError),
+    #[error("failed to {step}: {source}")]
+    Sys {
+        step: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("exec of {argv0:?} failed at {step}: {}", nix::Error::from_raw(*.errno))]
+    Exec {
+        argv0: String,
+        step: String,
+        errno: i32,
+    },
+    #[error("sandbox {0} has finished")]
+    Finished(String),
+    #[error("{run}; and cleanup also failed: {cleanup}")]
+    WithCleanup {
+        run: Box<RuntimeError>,
+        cleanup: Box<RuntimeError>,
+    },
+    #[error("teardown of {id} failed: {}", .errors.join("; "))]
+    Teardown { id: String, errors: Vec<String> },
+}
+
+/// A running (or finished, not yet destroyed) sandbox. Dropping it destroys it.
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    init_pid: i32,
+    control_socket: PathBuf,
+    run_dir: PathBuf,
+    sandbox_state: PathBuf,
+    ids: idmap::IdRange,
+    cgroup: Mutex<Option<cgroups::SandboxCgroup>>,
+    helper: Mutex<Option<Child>>,
+    /// The helper's end of the control pair: it reports init's exit here.
+    control: OwnedFd,
+    exit: Mutex<Option<Exit>>,
+    entrypoint: Mutex<Option<Process>>,
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl Sandbox {
+    /// Start a sandbox. Returns once init is serving execs (and the entrypoint, if any, runs).
+    pub fn spawn(cfg: &RuntimeConfig, mut spec: SandboxSpec) -> Result<Sandbox, RuntimeError> {
+        let id = match spec.id.take() {
+            Some(id) => validate_id(id)?,
+            None => new_id()?,
+        };
+        let hostname = spec.hostname.take().unwrap_or_else(|| "sandbox".into());
+        if hostname.is_empty()
+            || hostname.len() > 63
+            || !hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(RuntimeError::Invalid {
+                field: "hostname",
+                value: hostname,
+                reason: "1 to 63 letters, digits, '-' or '.'",
+            });
+        }
+        let image = rootfs_fetch::resolve(&spec.image, &cfg.state_dir)?;
+        let seccomp = seccomp::compile(&spec.seccomp)?;
+        let ids = idmap::IdRange::allocate(&cfg.run_dir, &id)?;
+
+        let mut cleanup = Cleanup::new(id.clone(), ids.clone());
+        let result = Self::spawn_prepared(cfg, &id, hostname, image, seccomp, &ids, &spec, &mut cleanup);
+        let (inner, entry_spec) = match result {
+            Ok(inner) => (inner, spec.entrypoint.take()),
+            Err(e) => {
+                return Err(match cleanup.run() {
+                    Ok(()) => e,
+                    Err(c) => RuntimeError::WithCleanup {
+                        run: Box::new(e),
+                        cleanup: Box::new(c),
+                    },
+                })
+            }
+        };
+        let sandbox = Sandbox {
+            inner: Arc::new(inner),
+        };
+        if let Some(entry) = entry_spec {
+            let p = sandbox.start(entry, true)?;
+            *lock(&sandbox.inner.entrypoint) = Some(p);
+        }
+        Ok(sandbox)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_prepared(
+        cfg: &RuntimeConfig,
+        id: &str,
+        hostname: String,
+        image: rootfs_fetch::Resolved,
+        seccomp: Option<seccomp::CompiledSeccomp>,
+        ids: &idmap::IdRange,
+        spec: &SandboxSpec,
+        cleanup: &mut Cleanup,
+    ) -> Result<Inner, RuntimeError> {
+        // Runtime dir (sockets, mount point): root only.
+        let run_dir = cfg.run_dir.join("sandboxes").join(id);
+        cleanup.dirs.push(run_dir.clone());
+        mkdir(&run_dir, 0o700)?;
+        let merged = run_dir.join("rootfs");
+        mkdir(&merged, 0o755)?;
+        // Writable layer: the upper and overlay's work dir, on the same filesystem.
+        let sandbox_state = cfg.state_dir.join("sandboxes").join(id);
+        cleanup.dirs.push(sandbox_state.clone());
+        mkdir(&sandbox_state, 0o700)?;
+        let upper = sandbox_state.join("upper");
+        let work = sandbox_state.join("work");
+        mkdir(&upper, 0o755)?;
+        mkdir(&work, 0o700)?;
+        // The sandbox's root owns its / and the usual writable dirs (an overlay directory
+        // present in the upper shows the upper's owner and mode).
+        chown_to(&upper, ids.base)?;
+        for (rel, mode) in rootfs_fetch::UPPER_DIRS {
+            let p = upper.join(rel);
+            mkdir(&p, *mode)?;
+            chown_to(&p, ids.base)?;
+        }
+
+        let cgroup = cgroups::SandboxCgroup::create(&format!("sbx/{id}"), &spec.limits)?;
+        let cgroup_procs = cgroup.procs_files();
+        cleanup.cgroup = Some(cgroup);
+
+        let control_socket = run_dir.join("init.sock");
+        let config = HelperConfig {
+            id: id.to_string(),
+            hostname,
+            id_base: ids.base,
+            id_count: ids.count,
+            rootfs: RootfsPlan {
+                lowers: image.lowers,
+                upper,
+                work,
+                merged,
+                binds: image
+                    .binds
+                    .into_iter()
+                    .map(|b| proto::BindMount {
+                        source: b.source,
+                        target: b.target,
+                    })
+                    .collect(),
+            },
+            cgroup_procs,
+            control_socket: control_socket.clone(),
+            seccomp,
+            limits: spec.limits.clone(),
+        };
+
+        let (ours, theirs) = proto::seqpacket_pair().map_err(|source| RuntimeError::Sys {
+            step: "create the helper socketpair",
+            source,
+        })?;
+        let log_path = run_dir.join("helper.log");
+        let log = File::create(&log_path).map_err(|source| RuntimeError::Io {
+            step: "create the helper log",
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new(&cfg.init_binary);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .env_clear();
+        let theirs_raw = theirs.as_raw_fd();
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs between fork and exec in the child and only calls dup2,
+            // which is async-signal-safe; it allocates nothing and takes no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(theirs_raw, helper::CONTROL_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(|source| RuntimeError::SpawnHelper {
+            path: cfg.init_binary.clone(),
+            source,
+        })?;
+        drop(theirs);
+        cleanup.helper = Some(child);
+
+        proto::send(ours.as_raw_fd(), "helper config", &config, &[])?;
+        match proto::expect::<HelperEvent>(ours.as_raw_fd(), "helper ready")?.0 {
+            HelperEvent::Ready { pid } => Ok(Inner {
+                id: id.to_string(),
+                init_pid: pid,
+                control_socket,
+                run_dir,
+                sandbox_state,
+                ids: ids.clone(),
+                cgroup: Mutex::new(cleanup.cgroup.take()),
+                helper: Mutex::new(cleanup.helper.take()),
+                control: ours,
+                exit: Mutex::new(None),
+                entrypoint: Mutex::new(None),
+            }),
+            HelperEvent::Failed { step, error } => Err(RuntimeError::Setup { step, error }),
+            HelperEvent::Exited { status } => Err(RuntimeError::Setup {
+                step: "start init".into(),
+                error: format!("init exited during setup: {status:?}"),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Init's pid on the host.
+    pub fn init_pid(&self) -> i32 {
+        self.inner.init_pid
+    }
+
+    /// The entrypoint process, if the spec had one (taken once).
+    pub fn take_entrypoint(&self) -> Option<Process> {
+        lock(&self.inner.entrypoint).take()
+    }
+
+    /// Start a process in the sandbox.
+    pub fn exec(&self, spec: ExecSpec) -> Result<Process, RuntimeError> {
+        self.start(spec, false)
+    }
+
+    fn start(&self, spec: ExecSpec, entrypoint: bool) -> Result<Process, RuntimeError> {
+        if lock(&self.inner.exit).is_some() {
+            return Err(RuntimeError::Finished(self.inner.id.clone()));
+        }
+        let argv0 = spec.argv.first().cloned().unwrap_or_default();
+        if spec.argv.is_empty() {
+            return Err(RuntimeError::Invalid {
+                field: "argv",
+                value: String::new(),
+                reason: "must name a program",
+            });
+        }
+        let cwd = spec.cwd.clone().unwrap_or_else(|| "/".into());
+        if !cwd.starts_with('/') {
+            return Err(RuntimeError::Invalid {
+                field: "cwd",
+                value: cwd,
+                reason: "must be absolute",
+            });
+        }
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), DEFAULT_PATH.into()),
+            (
+                "HOME".into(),
+                if spec.uid == 0 { "/root" } else { "/" }.into(),
+            ),
+        ];
+        if spec.pty.is_some() {
+            env.push(("TERM".into(), "xterm".into()));
+        }
+        for (k, v) in spec.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(RuntimeError::Invalid {
+                    field: "env",
+                    value: k,
+                    reason: "names must be non-empty without '=' or NUL",
+                });
+            }
+            env.retain(|(e, _)| *e != k);
+            env.push((k, v));
+        }
+
+        // Pipes: the child's ends travel with the request, ours stay in Process.
+        let mut send: Vec<OwnedFd> = Vec::new();
+        let mut keep: [Option<File>; 3] = [None, None, None];
+        let mut wires = [StdioWire::Null; 3];
+        if spec.pty.is_none() {
+            for (i, s) in [spec.stdin, spec.stdout, spec.stderr].into_iter().enumerate() {
+                wires[i] = match s {
+                    Stdio::Null => StdioWire::Null,
+                    Stdio::Fd(fd) => {
+                        send.push(fd);
+                        StdioWire::Fd
+                    }
+                    Stdio::MergeWithStdout if i == 2 => StdioWire::Stdout,
+                    Stdio::MergeWithStdout => {
+                        return Err(RuntimeError::Invalid {
+                            field: "stdio",
+                            value: "merge".into(),
+                            reason: "only stderr can merge with stdout",
+                        })
+                    }
+                    Stdio::Pipe => {
+                        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                            .map_err(|source| RuntimeError::Sys {
+                                step: "create a stdio pipe",
+                                source,
+                            })?;
+                        if i == 0 {
+                            send.push(r);
+                            keep[i] = Some(File::from(w));
+                        } else {
+                            send.push(w);
+                            keep[i] = Some(File::from(r));
+                        }
+                        StdioWire::Fd
+                    }
+                };
+            }
+        }
+        let req = ExecRequest {
+            argv: spec.argv,
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd,
+            uid: spec.uid,
+            gid: spec.gid,
+            stdin: wires[0],
+            stdout: wires[1],
+            stderr: wires[2],
+            pty: spec.pty.map(|p| (p.rows, p.cols)),
+            entrypoint,
+        };
+        let oom_base = self.oom_kills();
+        let conn = connect(&self.inner.control_socket).map_err(|source| {
+            if lock(&self.inner.exit).is_some() || !self.inner.control_socket.exists() {
+                RuntimeError::Finished(self.inner.id.clone())
+            } else {
+                RuntimeError::Sys {
+                    step: "connect to the sandbox's init",
+                    source,
+                }
+            }
+        })?;
+        let raw: Vec<RawFd> = send.iter().map(|f| f.as_raw_fd()).collect();
+        proto::send(conn.as_raw_fd(), "exec request", &req, &raw)?;
+        drop(send);
+        let (ev, mut fds) = match proto::recv::<ExecEvent>(conn.as_raw_fd(), "exec started")? {
+            Some(x) => x,
+            None => return Err(RuntimeError::Finished(self.inner.id.clone())),
+        };
+        match ev {
+            ExecEvent::Started { pid } => {
+                let [stdin, stdout, stderr] = keep;
+                Ok(Process {
+                    pid,
+                    conn,
+                    stdin,
+                    stdout,
+                    stderr,
+                    pty: if req.pty.is_some() {
+                        fds.pop().map(File::from)
+                    } else {
+                        None
+                    },
+                    oom_base,
+                    sandbox: self.inner.clone(),
+                    exit: None,
+                })
+            }
+            ExecEvent::Failed { step, errno } => Err(RuntimeError::Exec { argv0, step, errno }),
+            ExecEvent::Exited { .. } => Err(RuntimeError::Exec {
+                argv0,
+                step: "start".into(),
+                errno: libc::EPROTO,
+            }),
+        }
+    }
+
+    fn oom_kills(&self) -> u64 {
+        lock(&self.inner.cgroup)
+            .as_ref()
+            .map(|c| c.oom_kills())
+            .unwrap_or(0)
+    }
+
+    /// Kill every process of the sandbox through its cgroup. Idempotent.
+    pub fn kill(&self) -> Result<(), RuntimeError> {
+        if let Some(c) = lock(&self.inner.cgroup).as_ref() {
+            c.kill_all()?;
+        }
+        Ok(())
+    }
+
+    /// Block until the sandbox ends (init exited: its entrypoint finished, or it was killed).
+    pub fn wait(&self) -> Result<Exit, RuntimeError> {
+        let mut exit = lock(&self.inner.exit);
+        if let Some(e) = *exit {
+            return Ok(e);
+        }
+        let oom_before = 0;
+        let status = match proto::recv::<HelperEvent>(self.inner.control.as_raw_fd(), "init exit")? {
+            Some((HelperEvent::Exited { status }, _)) => status,
+            // The helper itself was killed: the sandbox is over (or about to be, by teardown).
+            _ => WaitStatus::Signal(libc::SIGKILL),
+        };
+        let oom = status == WaitStatus::Signal(libc::SIGKILL) && self.oom_kills() > oom_before;
+        let e = Exit { status, oom };
+        *exit = Some(e);
+        Ok(e)
+    }
+
+    /// Kill everything, wait for it, unmount (the mounts live only in the sandbox's namespaces),
+    /// remove the cgroup and the directories, release the uid range. Reports every failure.
+    pub fn destroy(self) -> Result<(), RuntimeError> {
+        self.inner.teardown()
+    }
+}
+
+impl Inner {
+    fn teardown(&self) -> Result<(), RuntimeError> {
+        let mut cleanup = Cleanup::new(self.id.clone(), self.ids.clone());
+        cleanup.cgroup = lock(&self.cgroup).take();
+        cleanup.helper = lock(&self.helper).take();
+        cleanup.dirs = vec![self.run_dir.clone(), self.sandbox_state.clone()];
+        if cleanup.cgroup.is_none() && cleanup.helper.is_none() {
+            return Ok(()); // already torn down
+        }
+        cleanup.run()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.inner.teardown();
+    }
+}
+
+/// Teardown of whatever exists so far; used after a failed spawn and by destroy.
+struct Cleanup {
+    id: String,
+    ids: idmap::IdRange,
+    cgroup: Option<cgroups::SandboxCgroup>,
+    helper: Option<Child>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn new(id: String, ids: idmap::IdRange) -> Self {
+        Cleanup {
+            id,
+            ids,
+            cgroup: None,
+            helper: None,
+            dirs: Vec::new(),
+        }
+    }
+
+    fn run(mut self) -> Result<(), RuntimeError> {
+        let mut errors = Vec::new();
+        // Kill through the cgroup first: that reaches init even if the helper is gone.
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.kill_all() {
+                errors.push(e.to_string());
+            }
+        }
+        if let Some(mut child) = self.helper.take() {
+            // The helper exits once init is dead; a helper stuck in setup is killed.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.destroy() {
+                errors.push(e.to_string());
+            }
+        }
+        for d in &self.dirs {
+            if let Err(e) = remove_tree(d) {
+                errors.push(format!("remove {}: {e}", d.display()));
+            }
+        }
+        if let Err(e) = self.ids.release() {
+            errors.push(format!("release uid range {}: {e}", self.ids.slot));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Teardown {
+                id: self.id,
+                errors,
+            })
+        }
+    }
+}
+
+/// Remove a directory tree; a missing one is fine. The overlay's work dir holds a mode-000
+/// `work` subdir, which root removes anyway.
+fn remove_tree(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A process started in a sandbox.
+pub struct Process {
+    pid: i32,
+    conn: OwnedFd,
+    /// Write end of the process's stdin pipe (`Stdio::Pipe`); drop it to send EOF.
+    pub stdin: Option<File>,
+    /// Read end of the stdout pipe.
+    pub stdout: Option<File>,
+    /// Read end of the stderr pipe.
+    pub stderr: Option<File>,
+    /// The pty master when run with a terminal.
+    pub pty: Option<File>,
+    oom_base: u64,
+    sandbox: Arc<Inner>,
+    exit: Option<Exit>,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process").field("pid", &self.pid).finish()
+    }
+}
+
+impl Process {
+    /// Its pid inside the sandbox's pid namespace.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The connection on which init reports the exit (readable when it has); for event loops.
+    pub fn exit_fd(&self) -> RawFd {
+        self.conn.as_raw_fd()
+    }
+
+    /// Block until the process exits. Closes our stdin end first so a reader sees EOF.
+    pub fn wait(&mut self) -> Result<Exit, RuntimeError> {
+        if let Some(e) = self.exit {
+            return Ok(e);
+        }
+        self.stdin = None;
+        let status = match proto::recv::<ExecEvent>(self.conn.as_raw_fd(), "exec exit")? {
+            Some((ExecEvent::Exited { status }, _)) => status,
+            // Init is gone, so the whole pid namespace was killed.
+            _ => WaitStatus::Signal(libc::SIGKILL),
+        };
+        let oom = status == WaitStatus::Signal(libc::SIGKILL)
+            && lock(&self.sandbox.cgroup)
+                .as_ref()
+                .map(|c| c.oom_kills() > self.oom_base)
+                .unwrap_or(false);
+        let e = Exit { status, oom };
+        self.exit = Some(e);
+        Ok(e)
+    }
+
+    /// Read all of stdout and stderr (concurrently, so neither pipe can fill and stall the
+    /// process), then wait. Convenient for tests and one-shot commands.
+    pub fn output(mut self) -> Result<(Exit, Vec<u8>, Vec<u8>), RuntimeError> {
+        use std::io::Read;
+        self.stdin = None;
+        let err_reader = self.stderr.take().map(|mut f| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = f.read_to_end(&mut v);
+                v
+            })
+        });
+        let mut out = Vec::new();
+        if let Some(mut f) = self.stdout.take() {
+            let _ = f.read_to_end(&mut out);
+        }
+        let err = err_reader
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        let exit = self.wait()?;
+        Ok((exit, out, err))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn connect(path: &Path) -> nix::Result<OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<(), RuntimeError> {
+    let err = |source| RuntimeError::Io {
+        step: "create directory",
+        path: p.to_path_buf(),
+        source,
+    };
+    match std::fs::DirBuilder::new().recursive(true).mode(mode).create(p) {
+        Ok(()) => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+fn chown_to(p: &Path, id: u32) -> Result<(), RuntimeError> {
+    std::os::unix::fs::lchown(p, Some(id), Some(id)).map_err(|source| RuntimeError::Io {
+        step: "chown",
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+fn validate_id(id: String) -> Result<String, RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id)
+    } else {
+        Err(RuntimeError::Invalid {
+            field: "id",
+            value: id,
+            reason: "1 to 64 letters, digits, '-' or '_'",
+        })
+    }
+}
+
+/// `sb-` + 12 random hex digits.
+fn new_id() -> Result<String, RuntimeError> {
+    use std::io::Read;
+    let mut b = [0u8; 6];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|source| RuntimeError::Io {
+            step: "read",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+    Ok(format!(
+        "sb-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    ))
+}

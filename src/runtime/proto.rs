@@ -1,0 +1,265 @@
+//! Typed messages between the library, the helper (supervisor) and init, carried as JSON over
+//! close-on-exec `SOCK_SEQPACKET` sockets, with file descriptors passed by `SCM_RIGHTS`.
+//!
+//! One datagram is one message, so there is no framing to get wrong.
+
+use super::cgroups::Limits;
+use super::seccomp::CompiledSeccomp;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+/// Largest message we accept. The helper config with a compiled seccomp profile is ~40 KiB.
+pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Most descriptors one message carries (stdin, stdout, stderr).
+const MAX_FDS: usize = 4;
+
+/// Errors moving a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("failed to send {what} message: {source}")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("failed to receive a message: {0}")]
+    Recv(#[source] nix::Error),
+    #[error("peer closed the socket while we waited for {0}")]
+    Closed(&'static str),
+    #[error("malformed message (expected {what}): {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("failed to encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("message truncated: larger than {MAX_MESSAGE} bytes")]
+    Truncated,
+}
+
+/// Send `msg` (and `fds`) as one datagram.
+pub fn send<T: Serialize>(
+    sock: RawFd,
+    what: &'static str,
+    msg: &T,
+    fds: &[RawFd],
+) -> Result<(), ProtoError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let bytes = serde_json::to_vec(msg).map_err(|source| ProtoError::Encode { what, source })?;
+    let iov = [IoSlice::new(&bytes)];
+    let cmsgs_storage;
+    let cmsgs: &[ControlMessage] = if fds.is_empty() {
+        &[]
+    } else {
+        cmsgs_storage = [ControlMessage::ScmRights(fds)];
+        &cmsgs_storage
+    };
+    loop {
+        match sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(nix::Error::EINTR) => continue,
+            Err(source) => return Err(ProtoError::Send { what, source }),
+        }
+    }
+}
+
+/// Receive one datagram; `Ok(None)` on orderly close.
+pub fn recv<T: DeserializeOwned>(
+    sock: RawFd,
+    what: &'static str,
+) -> Result<Option<(T, Vec<OwnedFd>)>, ProtoError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (len, fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => {
+                let mut fds = Vec::new();
+                for c in m.cmsgs().map_err(ProtoError::Recv)? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for fd in raw {
+                            // SAFETY: the kernel just installed this descriptor in our table for us
+                            // (SCM_RIGHTS); nothing else owns it.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                let truncated = m.flags.contains(MsgFlags::MSG_TRUNC);
+                break (m.bytes, fds, truncated);
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(ProtoError::Recv(e)),
+        }
+    };
+    if truncated {
+        return Err(ProtoError::Truncated);
+    }
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let msg =
+        serde_json::from_slice(&buf[..len]).map_err(|source| ProtoError::Decode { what, source })?;
+    Ok(Some((msg, fds)))
+}
+
+/// Like [`recv`] but a close is an error naming what we waited for.
+pub fn expect<T: DeserializeOwned>(
+    sock: RawFd,
+    what: &'static str,
+) -> Result<(T, Vec<OwnedFd>), ProtoError> {
+    recv(sock, what)?.ok_or(ProtoError::Closed(what))
+}
+
+/// A `SOCK_SEQPACKET` pair, both ends close-on-exec.
+pub fn seqpacket_pair() -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+}
+
+/// Everything the helper needs, resolved by the library before it spawns the helper.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperConfig {
+    pub id: String,
+    pub hostname: String,
+    /// First host uid/gid of the sandbox's range; sandbox uid 0 maps to it.
+    pub id_base: u32,
+    pub id_count: u32,
+    pub rootfs: RootfsPlan,
+    /// `cgroup.procs` files init is written into before it runs anything.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Where init's control socket is bound (host path, 0600, root only).
+    pub control_socket: PathBuf,
+    pub seccomp: Option<CompiledSeccomp>,
+    pub limits: Limits,
+}
+
+/// How the helper assembles the sandbox root: an overlay of read-only lowers and a writable upper,
+/// plus read-only binds of host directories (the `host` image).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsPlan {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// The overlay mount point (host path, seen only in the helper's private mount namespace).
+    pub merged: PathBuf,
+    pub binds: Vec<BindMount>,
+}
+
+/// A read-only bind of a host path into the rootfs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindMount {
+    pub source: PathBuf,
+    /// Path inside the sandbox, absolute.
+    pub target: PathBuf,
+}
+
+/// Helper → library.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum HelperEvent {
+    /// Init is set up and serving its control socket. `pid` is its host pid.
+    Ready { pid: i32 },
+    /// Setup failed at `step`.
+    Failed { step: String, error: String },
+    /// Init exited (the sandbox is over).
+    Exited { status: WaitStatus },
+}
+
+/// Helper → init, and init → helper, during setup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum SetupMsg {
+    /// Parent wrote the id maps and the cgroup: go on.
+    MappingWritten,
+    /// Init is ready.
+    Ready,
+    Failed { step: String, error: String },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl WaitStatus {
+    /// Shell convention: the code, or 128+N for signal N.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            WaitStatus::Code(c) => c,
+            WaitStatus::Signal(s) => 128 + s,
+        }
+    }
+
+    pub fn from_nix(status: nix::sys::wait::WaitStatus) -> Option<Self> {
+        use nix::sys::wait::WaitStatus as W;
+        match status {
+            W::Exited(_, c) => Some(WaitStatus::Code(c)),
+            W::Signaled(_, s, _) => Some(WaitStatus::Signal(s as i32)),
+            _ => None,
+        }
+    }
+}
+
+/// What a standard stream of an exec'd process is connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StdioWire {
+    /// The next descriptor passed with the request.
+    Fd,
+    /// The sandbox's own /dev/null.
+    Null,
+    /// stderr only: the same as stdout.
+    Stdout,
+}
+
+/// Library → init: start a process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub stdin: StdioWire,
+    pub stdout: StdioWire,
+    pub stderr: StdioWire,
+    /// Run on a new pseudo-terminal of the sandbox's devpts (rows, cols); the master comes back.
+    pub pty: Option<(u16, u16)>,
+    /// When this process exits, the sandbox ends with its status.
+    pub entrypoint: bool,
+}
+
+/// Init → library, on an exec connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum ExecEvent {
+    /// Running (after a successful execve). The pty master, if any, comes with it.
+    Started { pid: i32 },
+    /// Could not start: errno and where.
+    Failed { step: String, errno: i32 },
+    Exited { status: WaitStatus },
+}
+
+/// Convenience: the raw fd of an optional owned fd.
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}

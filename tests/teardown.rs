@@ -1,0 +1,159 @@
+//! Teardown: nothing of a sandbox survives it (mounts, cgroups, directories, uid ranges,
+//! descriptors), also when its helper or init was SIGKILLed, and after many sandboxes.
+
+mod support;
+
+use sbx::runtime::{ExecSpec, ImageRef, Sandbox, SandboxSpec, Stdio, WaitStatus};
+use support::*;
+
+fn assert_gone(id: &str) {
+    assert!(host_mounts_with(id).is_empty(), "mounts left: {:?}", host_mounts_with(id));
+    assert!(cgroup_dirs(id).is_empty(), "cgroups left: {:?}", cgroup_dirs(id));
+    let cfg = config();
+    assert!(!cfg.run_dir.join("sandboxes").join(id).exists(), "run dir left");
+    assert!(!cfg.state_dir.join("sandboxes").join(id).exists(), "state dir left");
+    let slots = std::fs::read_dir(cfg.run_dir.join("uids")).unwrap();
+    for s in slots.flatten() {
+        let owner = std::fs::read_to_string(s.path()).unwrap_or_default();
+        assert_ne!(owner, id, "uid range still held");
+    }
+}
+
+#[test]
+fn teardown_leaves_nothing() {
+    for (_, image) in images() {
+        let sb = spawn(image);
+        let id = sb.id().to_string();
+        let init = sb.init_pid();
+        // The rootfs is mounted only in the sandbox's own namespaces, never on the host.
+        assert!(host_mounts_with(&id).is_empty());
+        assert!(!cgroup_dirs(&id).is_empty());
+        sh_ok(&sb, "sleep 1000 & sleep 1000 & echo started");
+        sb.destroy().unwrap();
+        assert_gone(&id);
+        assert!(!std::path::Path::new(&format!("/proc/{init}")).exists(), "init survived");
+    }
+}
+
+#[test]
+fn teardown_after_the_helper_or_init_was_sigkilled() {
+    // Init killed: the sandbox ends with SIGKILL and teardown is clean.
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    let id = sb.id().to_string();
+    sh_ok(&sb, "sleep 1000 & echo ok");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sb.init_pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let exit = sb.wait().unwrap();
+    assert_eq!(exit.status, WaitStatus::Signal(9));
+    assert!(sb.exec(ExecSpec::new(["true"])).is_err());
+    sb.destroy().unwrap();
+    assert_gone(&id);
+
+    // Helper killed: init and its children are orphans still in the cgroup; teardown kills them.
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    let id = sb.id().to_string();
+    let init = sb.init_pid();
+    sh_ok(&sb, "sleep 1000 & echo ok");
+    let helper = std::fs::read_to_string(format!("/proc/{init}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:").map(|p| p.trim().parse::<i32>().unwrap()))
+        .unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{helper}/comm")).unwrap();
+    assert_eq!(comm.trim(), "sbx:[helper]");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Init keeps serving: the sandbox does not depend on the helper being alive.
+    assert_eq!(sh_ok(&sb, "echo still").trim(), "still");
+    sb.destroy().unwrap();
+    assert_gone(&id);
+    assert!(!std::path::Path::new(&format!("/proc/{init}")).exists());
+}
+
+#[test]
+fn entrypoint_decides_the_sandbox_exit() {
+    let mut entry = ExecSpec::new(["/bin/sh", "-c", "echo from-entry; exit 7"]);
+    entry.stderr = Stdio::Null;
+    let sb = Sandbox::spawn(
+        &config(),
+        SandboxSpec {
+            image: ImageRef::Dir(busybox_rootfs()),
+            entrypoint: Some(entry),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = sb.take_entrypoint().unwrap();
+    let (exit, out, _) = p.output().unwrap();
+    assert_eq!(exit.code(), 7);
+    assert_eq!(out, b"from-entry\n");
+    assert_eq!(sb.wait().unwrap().code(), 7);
+    // A finished sandbox refuses execs with a clear error.
+    let e = sb.exec(ExecSpec::new(["true"])).unwrap_err().to_string();
+    assert!(e.contains("finished"), "{e}");
+    let id = sb.id().to_string();
+    sb.destroy().unwrap();
+    assert_gone(&id);
+}
+
+#[test]
+fn kill_ends_the_sandbox_with_sigkill() {
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    let mut p = sb.exec(ExecSpec::new(["sleep", "1000"])).unwrap();
+    sb.kill().unwrap();
+    assert_eq!(p.wait().unwrap().code(), 137);
+    assert_eq!(sb.wait().unwrap().code(), 137);
+    sb.kill().unwrap(); // idempotent
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn many_sandboxes_leak_nothing() {
+    // Serial spawn + exec + destroy; descriptors, memory, mounts and cgroups stay flat.
+    let n: usize = std::env::var("SBX_LEAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let image = ImageRef::Dir(busybox_rootfs());
+    let round = |i: usize| {
+        let sb = spawn(image.clone());
+        assert_eq!(sh_ok(&sb, &format!("echo {i}")).trim(), i.to_string());
+        let id = sb.id().to_string();
+        sb.destroy().unwrap();
+        id
+    };
+    for i in 0..10 {
+        round(i);
+    }
+    let (fds0, rss0) = (open_fds(), rss_kib());
+    let mounts0 = host_mounts_with("").len();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(round(i));
+    }
+    for id in &ids {
+        assert_gone(id);
+    }
+    // Other tests run concurrently in this process, so allow some slack on descriptors.
+    assert!(open_fds() <= fds0 + 16, "fds grew from {fds0} to {}", open_fds());
+    assert!(rss_kib() < rss0 + 16 * 1024, "rss grew from {rss0} KiB to {} KiB", rss_kib());
+    assert!(host_mounts_with("").len() <= mounts0, "host mounts grew");
+}
