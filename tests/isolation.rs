@@ -3,22 +3,29 @@
 
 mod support;
 
-use sbx::runtime::{
-    capabilities, ExecSpec, ImageRef, Limits, SandboxSpec, SeccompProfile, Stdio,
-};
+use sbx::runtime::{capabilities, ExecSpec, ImageRef, Limits, SandboxSpec, SeccompProfile, Stdio};
 use support::*;
 
 #[test]
 fn pid1_is_our_init_and_host_processes_are_invisible() {
     for (name, image) in images() {
         let sb = spawn(image);
-        assert_eq!(sh_ok(&sb, "cat /proc/1/comm").trim(), "sbx:[init]", "{name}");
+        assert_eq!(
+            sh_ok(&sb, "cat /proc/1/comm").trim(),
+            "sbx:[init]",
+            "{name}"
+        );
         let pids = sh_ok(&sb, "ls /proc | grep -E '^[0-9]+$' | wc -l");
         let n: usize = pids.trim().parse().unwrap();
         // init, sh, ls, grep, wc at most: no host process.
         assert!(n <= 6, "{name}: {n} pids visible");
         let host_pid = std::process::id();
-        let (code, _, _) = sh(&sb, &format!("test -e /proc/{host_pid}/comm && grep -q sbx_isolation /proc/{host_pid}/comm"));
+        let (code, _, _) = sh(
+            &sb,
+            &format!(
+                "test -e /proc/{host_pid}/comm && grep -q sbx_isolation /proc/{host_pid}/comm"
+            ),
+        );
         assert_ne!(code, 0, "{name}: host test process visible");
     }
 }
@@ -31,7 +38,11 @@ fn hostname_is_set() {
             hostname: Some("box-7".into()),
             ..Default::default()
         });
-        assert_eq!(sh_ok(&sb, "cat /proc/sys/kernel/hostname").trim(), "box-7", "{name}");
+        assert_eq!(
+            sh_ok(&sb, "cat /proc/sys/kernel/hostname").trim(),
+            "box-7",
+            "{name}"
+        );
     }
 }
 
@@ -43,7 +54,11 @@ fn root_inside_is_an_unprivileged_host_uid() {
         let f: Vec<u64> = map.split_whitespace().map(|x| x.parse().unwrap()).collect();
         assert_eq!(f.len(), 3, "{name}: {map}");
         assert_eq!(f[0], 0, "{name}");
-        assert!(f[1] >= 65536, "{name}: sandbox root maps to host uid {}", f[1]);
+        assert!(
+            f[1] >= 65536,
+            "{name}: sandbox root maps to host uid {}",
+            f[1]
+        );
         assert_eq!(f[2], 65536, "{name}");
         assert_eq!(sh_ok(&sb, "id -u").trim(), "0", "{name}");
         // The host sees the sandbox's processes under that uid.
@@ -63,10 +78,21 @@ fn host_files_are_invisible() {
         assert_ne!(code, 0, "{name}: /etc/shadow visible");
         let (code, _, _) = sh(&sb, &format!("test -e {marker}"));
         assert_ne!(code, 0, "{name}: host /root visible");
-        assert_eq!(sh_ok(&sb, "ls -A /root /home").trim().lines().filter(|l| !l.is_empty() && !l.ends_with(':')).count(), 0, "{name}");
+        assert_eq!(
+            sh_ok(&sb, "ls -A /root /home")
+                .trim()
+                .lines()
+                .filter(|l| !l.is_empty() && !l.ends_with(':'))
+                .count(),
+            0,
+            "{name}"
+        );
         // No host runtime dirs or sockets.
         assert_eq!(sh_ok(&sb, "ls -A /run").trim(), "", "{name}");
-        let (code, _, _) = sh(&sb, "test -e /var/lib/sbx || test -e /run/sbx || test -e /tmp/sbx-it");
+        let (code, _, _) = sh(
+            &sb,
+            "test -e /var/lib/sbx || test -e /run/sbx || test -e /tmp/sbx-it",
+        );
         assert_ne!(code, 0, "{name}: host state visible");
         // /dev holds the minimal set only.
         let dev = sh_ok(&sb, "ls /dev | sort | tr '\\n' ' '");
@@ -84,7 +110,14 @@ fn host_image_has_python_and_minimal_etc() {
     let sb = spawn(ImageRef::Host);
     assert_eq!(sh_ok(&sb, "python3 -c \"print('hello')\"").trim(), "hello");
     let etc = sh_ok(&sb, "ls /etc");
-    for want in ["passwd", "group", "hosts", "resolv.conf", "nsswitch.conf", "ld.so.cache"] {
+    for want in [
+        "passwd",
+        "group",
+        "hosts",
+        "resolv.conf",
+        "nsswitch.conf",
+        "ld.so.cache",
+    ] {
         assert!(etc.lines().any(|l| l == want), "/etc lacks {want}: {etc}");
     }
     // /usr is the host's, read-only.
@@ -97,9 +130,20 @@ fn host_image_has_python_and_minimal_etc() {
 fn writes_land_in_the_writable_layer_and_vanish_with_the_sandbox() {
     for (name, image) in images() {
         let sb = spawn(image.clone());
-        sh_ok(&sb, "echo data > /tmp/f && mkdir -p /root/d && echo x > /root/d/g && echo top > /newfile");
-        let upper = config().state_dir.join("sandboxes").join(sb.id()).join("upper");
-        assert_eq!(std::fs::read_to_string(upper.join("tmp/f")).unwrap(), "data\n", "{name}");
+        sh_ok(
+            &sb,
+            "echo data > /tmp/f && mkdir -p /root/d && echo x > /root/d/g && echo top > /newfile",
+        );
+        let upper = config()
+            .state_dir
+            .join("sandboxes")
+            .join(sb.id())
+            .join("upper");
+        assert_eq!(
+            std::fs::read_to_string(upper.join("tmp/f")).unwrap(),
+            "data\n",
+            "{name}"
+        );
         assert!(upper.join("root/d/g").exists(), "{name}");
         assert!(upper.join("newfile").exists(), "{name}");
         let other = spawn(image);
@@ -114,8 +158,21 @@ fn writes_land_in_the_writable_layer_and_vanish_with_the_sandbox() {
 fn proc_and_sys_are_masked_and_read_only() {
     for (name, image) in images() {
         let sb = spawn(image);
-        assert_eq!(sh_ok(&sb, "wc -c < /proc/kcore").trim(), "0", "{name}");
-        assert_eq!(sh_ok(&sb, "cat /proc/keys | wc -c").trim(), "0", "{name}");
+        // Masked files read empty (or do not exist on this kernel at all).
+        for f in [
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/proc/sched_debug",
+        ] {
+            let out = sh_ok(
+                &sb,
+                &format!("if [ -e {f} ]; then wc -c < {f}; else echo 0; fi"),
+            );
+            assert_eq!(out.trim(), "0", "{name}: {f} not masked");
+        }
+        // Compare with the host, where /proc/keys is readable and not empty... at least exists.
+        assert!(std::path::Path::new("/proc/keys").exists());
         assert_eq!(sh_ok(&sb, "ls /sys/firmware | wc -l").trim(), "0", "{name}");
         let (code, _, err) = sh(&sb, "echo 1 > /proc/sys/vm/drop_caches");
         assert_ne!(code, 0, "{name}: /proc/sys writable");
@@ -126,7 +183,10 @@ fn proc_and_sys_are_masked_and_read_only() {
         assert_ne!(code, 0, "{name}: /sys writable");
         assert!(err.contains("Read-only"), "{name}: {err}");
         let mounts = sh_ok(&sb, "grep ' /sys ' /proc/mounts");
-        assert!(mounts.contains(" ro,") || mounts.contains(" ro "), "{name}: {mounts}");
+        assert!(
+            mounts.contains(" ro,") || mounts.contains(" ro "),
+            "{name}: {mounts}"
+        );
     }
 }
 
@@ -241,7 +301,10 @@ fn seccomp_is_what_denies_them() {
         seccomp: SeccompProfile::Unconfined,
         ..Default::default()
     });
-    let out = sh_ok(&sb, "/bin/probe keyctl; /bin/probe unshare; grep Seccomp: /proc/self/status");
+    let out = sh_ok(
+        &sb,
+        "/bin/probe keyctl; /bin/probe unshare; grep Seccomp: /proc/self/status",
+    );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "0", "keyctl unconfined: {out}");
     assert_eq!(lines[1], "0", "unshare unconfined: {out}");
@@ -259,7 +322,11 @@ fn memory_bomb_is_oom_killed_and_the_sandbox_survives() {
         ..Default::default()
     });
     let p = sb
-        .exec(ExecSpec::new(["python3", "-c", "x = b'a' * (512 << 20); print(len(x))"]))
+        .exec(ExecSpec::new([
+            "python3",
+            "-c",
+            "x = b'a' * (512 << 20); print(len(x))",
+        ]))
         .unwrap();
     let (exit, out, _) = p.output().unwrap();
     assert!(exit.oom, "not reported as OOM: {exit:?}");
@@ -282,18 +349,36 @@ fn fork_bomb_stops_at_the_pids_limit() {
         },
         ..Default::default()
     });
-    let mut spec = ExecSpec::new(["/bin/sh", "-c", "b() { b | b & }; b; sleep 2; echo done"]);
-    spec.stderr = Stdio::Null;
-    let bomb = sb.exec(spec).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    // The cgroup holds at most the limit.
-    let n = count_cgroup_pids(sb.id());
-    assert!(n <= 64, "{n} processes in a 64-pid sandbox");
-    assert!(n >= 32, "the fork bomb did not run ({n} processes)");
+    // A classic fork bomb: every shell forks two more, then lingers.
+    let bomb = sb
+        .exec(ExecSpec::new([
+            "/bin/sh",
+            "-c",
+            "b() { b & b & sleep 100; }; b",
+        ]))
+        .unwrap();
+    let mut max = 0;
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        max = max.max(count_cgroup_pids(sb.id()));
+    }
+    // The cgroup never holds more than the limit, and the bomb did reach it.
+    assert!(max <= 64, "{max} processes in a 64-pid sandbox");
+    assert!(
+        max >= 48,
+        "the fork bomb did not run ({max} processes at most)"
+    );
     // The host is fine: we can still start processes here.
-    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert!(std::process::Command::new("true")
+        .status()
+        .unwrap()
+        .success());
     sb.kill().unwrap();
-    drop(bomb);
+    let (_, _, err) = bomb.output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&err).contains("can't fork"),
+        "forks were not refused"
+    );
     sb.destroy().unwrap();
 }
 
@@ -315,7 +400,10 @@ fn exit_codes() {
         assert_eq!(sh(&sb, "kill -9 $$").0, 128 + 9, "{name}");
         assert_eq!(sh(&sb, "true").0, 0, "{name}");
         // A program that does not exist is an error naming it.
-        let e = sb.exec(ExecSpec::new(["no-such-program"])).unwrap_err().to_string();
+        let e = sb
+            .exec(ExecSpec::new(["no-such-program"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no-such-program"), "{e}");
     }
 }
@@ -327,7 +415,12 @@ fn fifty_concurrent_execs() {
         let hs: Vec<_> = (0..50)
             .map(|i| {
                 let sb = &sb;
-                s.spawn(move || sh(sb, &format!("sleep 0.2; echo out-{i}; echo err-{i} >&2; exit {}", i % 7)))
+                s.spawn(move || {
+                    sh(
+                        sb,
+                        &format!("sleep 0.2; echo out-{i}; echo err-{i} >&2; exit {}", i % 7),
+                    )
+                })
             })
             .collect();
         for (i, h) in hs.into_iter().enumerate() {
@@ -353,11 +446,17 @@ fn stdin_pty_env_cwd_and_users() {
     p.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
     let (exit, out, _) = p.output().unwrap();
     assert_eq!(exit.code(), 0);
-    assert_eq!(String::from_utf8_lossy(&out), "/tmp\nbar baz\n1000\n1000\nfrom stdin\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "/tmp\nbar baz\n1000\n1000\nfrom stdin\n"
+    );
 
     // A pty: the process sees a terminal of the requested size.
     let mut spec = ExecSpec::new(["sh", "-c", "tty; stty size"]);
-    spec.pty = Some(sbx::runtime::PtySize { rows: 33, cols: 101 });
+    spec.pty = Some(sbx::runtime::PtySize {
+        rows: 33,
+        cols: 101,
+    });
     let mut p = sb.exec(spec).unwrap();
     let mut master = p.pty.take().expect("pty master");
     let exit = p.wait().unwrap();

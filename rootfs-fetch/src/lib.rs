@@ -10,18 +10,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// An image a sandbox starts from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ImageRef {
     /// The host's /usr (and /bin, /lib*, /sbin) read-only, a minimal /etc, fresh writable dirs.
+    #[default]
     Host,
     /// A rootfs directory on the host, used read-only as the lower layer.
     Dir(PathBuf),
-}
-
-impl Default for ImageRef {
-    fn default() -> Self {
-        ImageRef::Host
-    }
 }
 
 impl fmt::Display for ImageRef {
@@ -220,8 +215,10 @@ fn build_skeleton(
     };
     fs::create_dir_all(parent).map_err(err(parent))?;
     // Build aside, then rename: a crash leaves no half skeleton under the final name.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = parent.join(format!(
-        ".tmp-{}-{}",
+        ".tmp-{}-{seq}-{}",
         std::process::id(),
         dir.file_name().and_then(|s| s.to_str()).unwrap_or("host")
     ));

@@ -3,12 +3,9 @@
 
 fn main() {
     // The runtime hands us a SEQPACKET socket on fd 3; anything else means a person ran us.
-    let ok = nix::sys::socket::getsockopt(
-        &unsafe_free_fd3(),
-        nix::sys::socket::sockopt::SockType,
-    )
-    .map(|t| t == nix::sys::socket::SockType::SeqPacket)
-    .unwrap_or(false);
+    let ok = nix::sys::socket::getsockopt(&unsafe_free_fd3(), nix::sys::socket::sockopt::SockType)
+        .map(|t| t == nix::sys::socket::SockType::SeqPacket)
+        .unwrap_or(false);
     if !ok {
         eprintln!("sbx-init: this is the sandbox helper started by sbx; it is not run by hand");
         std::process::exit(2);

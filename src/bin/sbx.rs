@@ -10,10 +10,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "sbx", version, about = "Run untrusted code in fast, isolated Linux sandboxes")]
+#[command(
+    name = "sbx",
+    version,
+    about = "Run untrusted code in fast, isolated Linux sandboxes"
+)]
 struct Cli {
     /// Directory for persistent state (image skeletons, writable layers).
-    #[arg(long, global = true, env = "SBX_STATE_DIR", default_value = "/var/lib/sbx")]
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_STATE_DIR",
+        default_value = "/var/lib/sbx"
+    )]
     state_dir: std::path::PathBuf,
     /// Directory for runtime files (control sockets, mount points).
     #[arg(long, global = true, env = "SBX_RUN_DIR", default_value = "/run/sbx")]
@@ -27,7 +36,7 @@ enum Cmd {
     /// Run CMD in a new sandbox, stream its output, exit with its code, remove the sandbox.
     ///
     /// Example: sbx run -- python3 -c "print('hello')"
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the version.
     Version,
 }
@@ -95,7 +104,7 @@ fn main() -> ExitCode {
             let mut cfg = RuntimeConfig::from_env();
             cfg.state_dir = cli.state_dir;
             cfg.run_dir = cli.run_dir;
-            match run(&cfg, args) {
+            match run(&cfg, *args) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -160,8 +169,14 @@ fn run(cfg: &RuntimeConfig, args: RunArgs) -> Result<i32, Box<dyn std::error::Er
         .ok_or("the sandbox did not start its entrypoint")?;
     // Output is copied through pipes rather than handing our terminal to the sandbox (a tty
     // descriptor inside would allow TIOCSTI-style input injection into the host shell).
-    let out = proc.stdout.take().map(|f| copy_thread(f, std::io::stdout()));
-    let err = proc.stderr.take().map(|f| copy_thread(f, std::io::stderr()));
+    let out = proc
+        .stdout
+        .take()
+        .map(|f| copy_thread(f, std::io::stdout()));
+    let err = proc
+        .stderr
+        .take()
+        .map(|f| copy_thread(f, std::io::stderr()));
     if let Some(mut w) = proc.stdin.take() {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);

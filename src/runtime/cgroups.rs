@@ -1592,6 +1592,28 @@ mod tests {
         loaded.destroy().expect("second destroy");
     }
 
+    #[test]
+    fn real_destroy_reaches_sub_cgroups() {
+        let Some(mut real) = RealCgroup::create("nested", &Limits::default()) else {
+            return;
+        };
+        // A sub-cgroup inside the sandbox's (as a delegated sandbox could make) with a process.
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        for dir in real.cg().dirs() {
+            let inner = dir.join("inner");
+            fs::create_dir(&inner).expect("mkdir inner");
+            fs::write(inner.join("cgroup.procs"), child.id().to_string()).expect("join inner");
+        }
+        let pid = i32::try_from(child.id()).expect("pid fits i32");
+        assert_eq!(real.cg().pids(), vec![pid]);
+        real.destroy();
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    }
+
     /// Start `sh -c script` that waits for a line on stdin, so it can be put in the cgroup
     /// before it forks anything.
     fn spawn_gated(script: &str) -> Child {

@@ -99,7 +99,10 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
 
     // A private mount namespace for the helper: the overlay and binds exist only here and in the
     // sandbox, so they vanish with the last process even if everything is SIGKILLed.
-    sys("unshare the helper mount namespace", unshare(CloneFlags::CLONE_NEWNS))?;
+    sys(
+        "unshare the helper mount namespace",
+        unshare(CloneFlags::CLONE_NEWNS),
+    )?;
     // rslave: host mount events still reach us, nothing of ours propagates back (runc#1500).
     sys(
         "make / a recursive slave",
@@ -253,7 +256,9 @@ fn escape_overlay_path(p: &str) -> String {
 }
 
 fn bind_control_socket(path: &Path) -> Result<OwnedFd, HelperError> {
-    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
     let _ = std::fs::remove_file(path);
     let fd = sys(
         "create the control socket",
@@ -286,8 +291,10 @@ fn write_mappings(cfg: &HelperConfig, child: Pid) -> Result<(), HelperError> {
     // We are privileged in the parent user namespace, so setgroups may stay allowed
     // (CVE-2014-8989 concerns unprivileged writers); exec uses it for supplementary groups.
     let base = format!("/proc/{}", child.as_raw());
-    std::fs::write(format!("{base}/uid_map"), &map).map_err(io(format!("write uid_map {map:?}")))?;
-    std::fs::write(format!("{base}/gid_map"), &map).map_err(io(format!("write gid_map {map:?}")))?;
+    std::fs::write(format!("{base}/uid_map"), &map)
+        .map_err(io(format!("write uid_map {map:?}")))?;
+    std::fs::write(format!("{base}/gid_map"), &map)
+        .map_err(io(format!("write gid_map {map:?}")))?;
     for procs in &cfg.cgroup_procs {
         std::fs::write(procs, child.as_raw().to_string())
             .map_err(io(format!("add init to {}", procs.display())))?;

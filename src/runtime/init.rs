@@ -2,9 +2,7 @@
 //! order), then a small init that reaps zombies, forwards signals, and forks + execs commands on
 //! request from its control socket.
 
-use super::proto::{
-    self, ExecEvent, ExecRequest, HelperConfig, SetupMsg, StdioWire, WaitStatus,
-};
+use super::proto::{self, ExecEvent, ExecRequest, HelperConfig, SetupMsg, StdioWire, WaitStatus};
 use super::{capabilities, seccomp::CompiledSeccomp, sys};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -61,7 +59,10 @@ struct SetupError {
     error: String,
 }
 
-fn step<T, E: std::fmt::Display>(name: impl Into<String>, r: Result<T, E>) -> Result<T, SetupError> {
+fn step<T, E: std::fmt::Display>(
+    name: impl Into<String>,
+    r: Result<T, E>,
+) -> Result<T, SetupError> {
     r.map_err(|e| SetupError {
         step: name.into(),
         error: e.to_string(),
@@ -106,7 +107,10 @@ pub fn main(cfg: &HelperConfig, sync: OwnedFd, listener: OwnedFd) -> ! {
 fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<OwnedFd, SetupError> {
     // 1. Wait until the parent has written our uid/gid maps and put us in the cgroup: before the
     //    maps exist every id is the overflow id and setresuid/mounts fail.
-    match step("wait for the id mappings", proto::expect::<SetupMsg>(sync.as_raw_fd(), "mapping"))? {
+    match step(
+        "wait for the id mappings",
+        proto::expect::<SetupMsg>(sync.as_raw_fd(), "mapping"),
+    )? {
         (SetupMsg::MappingWritten, _) => {}
         (other, _) => {
             return Err(SetupError {
@@ -118,7 +122,13 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     // 2. Nothing we mount may propagate to the helper's namespace (rslave, as runc).
     step(
         "make / a recursive slave",
-        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>),
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_SLAVE,
+            None::<&str>,
+        ),
     )?;
     // 3. Bind the rootfs onto itself, still as host uid 0: the overlay came from the helper's
     //    namespace and is locked here (pivot_root refuses a locked new root with EINVAL); a bind
@@ -128,20 +138,35 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     let merged = &cfg.rootfs.merged;
     step(
         format!("bind the rootfs {} onto itself", merged.display()),
-        mount(Some(merged), merged, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+        mount(
+            Some(merged),
+            merged,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
     )?;
-    step(format!("chdir to the rootfs {}", merged.display()), nix::unistd::chdir(merged))?;
+    step(
+        format!("chdir to the rootfs {}", merged.display()),
+        nix::unistd::chdir(merged),
+    )?;
     // 4. Become root of the new user namespace (keep caps across the switch), drop host groups.
     step("keep capabilities", nix::sys::prctl::set_keepcaps(true))?;
     step("switch to uid/gid 0 in the sandbox", sys::set_ids(0, 0))?;
     step("clear supplementary groups", nix::unistd::setgroups(&[]))?;
     // 5. Not dumpable: sandbox processes (same uid) must not ptrace init or open /proc/1/mem;
     //    our mm belongs to the host user namespace, so the kernel refuses them.
-    step("mark init non-dumpable", nix::sys::prctl::set_dumpable(false))?;
+    step(
+        "mark init non-dumpable",
+        nix::sys::prctl::set_dumpable(false),
+    )?;
     // 6. New session: a controlling tty needs it, and a dying session leader cannot SIGHUP us.
     step("start a new session", nix::unistd::setsid())?;
     // 7. Join a fresh cgroup namespace now that we are inside our cgroup (it becomes our root).
-    step("unshare the cgroup namespace", unshare(CloneFlags::CLONE_NEWCGROUP))?;
+    step(
+        "unshare the cgroup namespace",
+        unshare(CloneFlags::CLONE_NEWCGROUP),
+    )?;
     let root = Path::new(".");
     // 8. Kernel filesystems under the new root, before pivot_root: in a user namespace a new
     //    procfs/sysfs is allowed only while a full one is still visible. /proc is mounted by us,
@@ -155,7 +180,11 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     //    sandbox's own /dev/null, verified to be the null device).
     let devnull = step(
         "open the sandbox /dev/null",
-        nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()),
+        nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ),
     )?;
     // SAFETY-free: wrap the raw fd we just opened.
     let devnull = owned(devnull);
@@ -171,7 +200,10 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     step("bring up loopback", sys::loopback_up())?;
     // 12. Re-point stdio that still refers to host files to the sandbox's /dev/null.
     for fd in 0..3 {
-        step("re-point stdio to /dev/null", nix::unistd::dup2(devnull.as_raw_fd(), fd))?;
+        step(
+            "re-point stdio to /dev/null",
+            nix::unistd::dup2(devnull.as_raw_fd(), fd),
+        )?;
     }
     // 13. Close every inherited descriptor but ours, late (GHSA-xr7r-f8xq-vfvv).
     step(
@@ -220,7 +252,10 @@ fn mount_dev(root: &Path) -> Result<(), SetupError> {
     )?;
     for name in DEVICES {
         let target = dev.join(name);
-        step(format!("create {}", target.display()), std::fs::File::create(&target))?;
+        step(
+            format!("create {}", target.display()),
+            std::fs::File::create(&target),
+        )?;
         let source = Path::new("/dev").join(name);
         step(
             format!("bind {} on {}", source.display(), target.display()),
@@ -293,11 +328,23 @@ fn mount_sys(root: &Path) -> Result<(), SetupError> {
     }
     step(
         "bind /sys",
-        mount(Some("/sys"), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+        mount(
+            Some("/sys"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
     )?;
     step(
         "remount /sys read-only",
-        mount(None::<&str>, &target, None::<&str>, flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT, None::<&str>),
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        ),
     )
 }
 
@@ -307,13 +354,25 @@ fn pivot(root: &Path) -> Result<(), SetupError> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_PATH | OFlag::O_CLOEXEC;
     let old = owned(step("open the old root", open("/", flags, Mode::empty()))?);
     let new = owned(step("open the new root", open(root, flags, Mode::empty()))?);
-    step("fchdir to the new root", nix::unistd::fchdir(new.as_raw_fd()))?;
+    step(
+        "fchdir to the new root",
+        nix::unistd::fchdir(new.as_raw_fd()),
+    )?;
     step("pivot_root", nix::unistd::pivot_root(".", "."))?;
-    step("fchdir to the old root", nix::unistd::fchdir(old.as_raw_fd()))?;
+    step(
+        "fchdir to the old root",
+        nix::unistd::fchdir(old.as_raw_fd()),
+    )?;
     // Slave, not private, before detaching: private would propagate the umount (runc#1500).
     step(
         "make the old root a slave",
-        mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>),
+        mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        ),
     )?;
     step("detach the old root", umount2(".", MntFlags::MNT_DETACH))?;
     step("chdir to the new root", nix::unistd::chdir("/"))
@@ -350,7 +409,13 @@ fn mask(path: &str) -> Result<(), SetupError> {
     } else {
         step(
             format!("mask {path}"),
-            mount(Some("/dev/null"), path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            mount(
+                Some("/dev/null"),
+                path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ),
         )
     }
 }
@@ -361,7 +426,13 @@ fn readonly(path: &str) -> Result<(), SetupError> {
     }
     step(
         format!("bind {path}"),
-        mount(Some(path), path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>),
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
     )?;
     // The first bind ignores other flags; read-only takes a remount.
     step(
@@ -403,7 +474,8 @@ impl Init {
         if mask.thread_block().is_err() {
             sys::exit_now(1);
         }
-        let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+        let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        {
             Ok(s) => s,
             Err(_) => sys::exit_now(1),
         };
@@ -472,7 +544,12 @@ impl Init {
                     let pid = pid.as_raw();
                     if let Some(conn) = self.procs.remove(&pid) {
                         if let Some(c) = self.conns.remove(&conn) {
-                            let _ = proto::send(c.as_raw_fd(), "exited", &ExecEvent::Exited { status }, &[]);
+                            let _ = proto::send(
+                                c.as_raw_fd(),
+                                "exited",
+                                &ExecEvent::Exited { status },
+                                &[],
+                            );
                         }
                     }
                     if self.entrypoint == Some(pid) {
@@ -511,7 +588,12 @@ impl Init {
         match self.start(&req, fds) {
             Ok((pid, master)) => {
                 let extra: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
-                let _ = proto::send(conn.as_raw_fd(), "started", &ExecEvent::Started { pid: pid.as_raw() }, &extra);
+                let _ = proto::send(
+                    conn.as_raw_fd(),
+                    "started",
+                    &ExecEvent::Started { pid: pid.as_raw() },
+                    &extra,
+                );
                 if req.entrypoint && self.entrypoint.is_none() {
                     self.entrypoint = Some(pid.as_raw());
                 }
@@ -521,7 +603,12 @@ impl Init {
                 self.reap();
             }
             Err((step, errno)) => {
-                let _ = proto::send(conn.as_raw_fd(), "failed", &ExecEvent::Failed { step, errno }, &[]);
+                let _ = proto::send(
+                    conn.as_raw_fd(),
+                    "failed",
+                    &ExecEvent::Failed { step, errno },
+                    &[],
+                );
             }
         }
     }
@@ -577,11 +664,20 @@ impl Init {
             None => None,
         };
 
-        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail("pipe", e))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail("pipe", e))?;
         match sys::fork().map_err(|e| fail("fork", e))? {
             None => {
                 drop(err_r);
-                let e = exec_child(req, &stdio, pty.as_ref().map(|p| &p.1), &program, &argv, &env, self.seccomp.as_ref());
+                let e = exec_child(
+                    req,
+                    &stdio,
+                    pty.as_ref().map(|p| &p.1),
+                    &program,
+                    &argv,
+                    &env,
+                    self.seccomp.as_ref(),
+                );
                 let code = e.1 as i32;
                 let _ = nix::unistd::write(&err_w, &code.to_ne_bytes());
                 let _ = nix::unistd::write(&err_w, e.0.as_bytes());
@@ -681,9 +777,15 @@ fn exec_child(
     // Own session and process group, so signals and a tty apply to the whole job.
     try_step!("setsid", nix::unistd::setsid().map(drop));
     if let Some(slave) = pty_slave {
-        try_step!("set the controlling tty", sys::set_controlling_tty(slave.as_raw_fd()));
+        try_step!(
+            "set the controlling tty",
+            sys::set_controlling_tty(slave.as_raw_fd())
+        );
         for fd in 0..3 {
-            try_step!("dup2 the pty", nix::unistd::dup2(slave.as_raw_fd(), fd).map(drop));
+            try_step!(
+                "dup2 the pty",
+                nix::unistd::dup2(slave.as_raw_fd(), fd).map(drop)
+            );
         }
     } else {
         // dup2 onto 0..2 in an order that cannot clobber a source: move sources above 2 first.
@@ -704,11 +806,17 @@ fn exec_child(
     // cwd before dropping ids (a root-only dir), retried after (a dir only the user can enter).
     let cwd_ok = nix::unistd::chdir(req.cwd.as_str()).is_ok();
     if req.uid != 0 || req.gid != 0 {
-        try_step!("setgroups", nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(req.gid)]));
+        try_step!(
+            "setgroups",
+            nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(req.gid)])
+        );
         try_step!("set uid/gid", sys::set_ids(req.uid, req.gid));
     }
     if !cwd_ok {
-        try_step!("chdir to the working directory", nix::unistd::chdir(req.cwd.as_str()));
+        try_step!(
+            "chdir to the working directory",
+            nix::unistd::chdir(req.cwd.as_str())
+        );
     }
     // Nothing of init's leaks into the payload (its listener, other connections).
     try_step!("mark descriptors close-on-exec", sys::cloexec_from(3));

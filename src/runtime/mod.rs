@@ -247,7 +247,16 @@ impl Sandbox {
         let ids = idmap::IdRange::allocate(&cfg.run_dir, &id)?;
 
         let mut cleanup = Cleanup::new(id.clone(), ids.clone());
-        let result = Self::spawn_prepared(cfg, &id, hostname, image, seccomp, &ids, &spec, &mut cleanup);
+        let result = Self::spawn_prepared(
+            cfg,
+            &id,
+            hostname,
+            image,
+            seccomp,
+            &ids,
+            &spec,
+            &mut cleanup,
+        );
         let (inner, entry_spec) = match result {
             Ok(inner) => (inner, spec.entrypoint.take()),
             Err(e) => {
@@ -459,7 +468,10 @@ impl Sandbox {
         let mut keep: [Option<File>; 3] = [None, None, None];
         let mut wires = [StdioWire::Null; 3];
         if spec.pty.is_none() {
-            for (i, s) in [spec.stdin, spec.stdout, spec.stderr].into_iter().enumerate() {
+            for (i, s) in [spec.stdin, spec.stdout, spec.stderr]
+                .into_iter()
+                .enumerate()
+            {
                 wires[i] = match s {
                     Stdio::Null => StdioWire::Null,
                     Stdio::Fd(fd) => {
@@ -475,10 +487,12 @@ impl Sandbox {
                         })
                     }
                     Stdio::Pipe => {
-                        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                            .map_err(|source| RuntimeError::Sys {
-                                step: "create a stdio pipe",
-                                source,
+                        let (r, w) =
+                            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|source| {
+                                RuntimeError::Sys {
+                                    step: "create a stdio pipe",
+                                    source,
+                                }
                             })?;
                         if i == 0 {
                             send.push(r);
@@ -572,7 +586,8 @@ impl Sandbox {
             return Ok(e);
         }
         let oom_before = 0;
-        let status = match proto::recv::<HelperEvent>(self.inner.control.as_raw_fd(), "init exit")? {
+        let status = match proto::recv::<HelperEvent>(self.inner.control.as_raw_fd(), "init exit")?
+        {
             Some((HelperEvent::Exited { status }, _)) => status,
             // The helper itself was killed: the sandbox is over (or about to be, by teardown).
             _ => WaitStatus::Signal(libc::SIGKILL),
@@ -782,7 +797,11 @@ fn mkdir(p: &Path, mode: u32) -> Result<(), RuntimeError> {
         path: p.to_path_buf(),
         source,
     };
-    match std::fs::DirBuilder::new().recursive(true).mode(mode).create(p) {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)
+    {
         Ok(()) => {}
         Err(e) => return Err(err(e)),
     }

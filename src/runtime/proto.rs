@@ -105,8 +105,8 @@ pub fn recv<T: DeserializeOwned>(
     if len == 0 && fds.is_empty() {
         return Ok(None);
     }
-    let msg =
-        serde_json::from_slice(&buf[..len]).map_err(|source| ProtoError::Decode { what, source })?;
+    let msg = serde_json::from_slice(&buf[..len])
+        .map_err(|source| ProtoError::Decode { what, source })?;
     Ok(Some((msg, fds)))
 }
 
@@ -190,7 +190,10 @@ pub enum SetupMsg {
     MappingWritten,
     /// Init is ready.
     Ready,
-    Failed { step: String, error: String },
+    Failed {
+        step: String,
+        error: String,
+    },
 }
 
 /// How a process ended.
@@ -253,10 +256,17 @@ pub struct ExecRequest {
 #[serde(deny_unknown_fields)]
 pub enum ExecEvent {
     /// Running (after a successful execve). The pty master, if any, comes with it.
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// Could not start: errno and where.
-    Failed { step: String, errno: i32 },
-    Exited { status: WaitStatus },
+    Failed {
+        step: String,
+        errno: i32,
+    },
+    Exited {
+        status: WaitStatus,
+    },
 }
 
 /// Convenience: the raw fd of an optional owned fd.

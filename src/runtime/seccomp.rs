@@ -20,7 +20,8 @@
 //!   this build (as runc does); a deliberate deny stays EPERM.
 //!
 //! Only the build architecture is compiled (x86_64 or aarch64). seccompiler's architecture check
-//! kills the process on any other syscall ABI (i386 `int 0x80`); x32 syscall numbers get ENOSYS.
+//! kills the process on any other syscall ABI (i386 `int 0x80`); x32 syscall numbers are above
+//! every native one, so they get ENOSYS (or the default action, if that is not ERRNO).
 //! Syscall names the architecture does not have are skipped and listed in
 //! [`CompiledSeccomp::unknown_syscalls`].
 //!
@@ -585,15 +586,12 @@ fn known_syscalls() -> impl Iterator<Item = &'static (&'static str, libc::c_long
 fn syscall_number(name: &str) -> Option<i64> {
     known_syscalls()
         .find(|(sys, _)| sys.strip_prefix("SYS_") == Some(name))
-        .map(|&(_, nr)| i64::from(nr))
+        .map(|&(_, nr)| nr)
 }
 
 /// The highest syscall number we know: anything above is newer than this build.
 fn max_syscall_number() -> i64 {
-    known_syscalls()
-        .map(|&(_, nr)| i64::from(nr))
-        .max()
-        .unwrap_or(0)
+    known_syscalls().map(|&(_, nr)| nr).max().unwrap_or(0)
 }
 
 /// Programs as nested arrays of `[code, jt, jf, k]` (seccompiler's `sock_filter` has no serde).

@@ -70,9 +70,8 @@ pub fn cloexec_from(first: RawFd) -> nix::Result<()> {
 /// The descriptors open in this process.
 pub fn open_fds() -> nix::Result<Vec<RawFd>> {
     let mut out = Vec::new();
-    let dir = std::fs::read_dir("/proc/self/fd").map_err(|e| {
-        nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
-    })?;
+    let dir = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     for ent in dir.flatten() {
         if let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse().ok()) {
             out.push(fd);

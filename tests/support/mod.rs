@@ -55,13 +55,17 @@ pub fn busybox_rootfs() -> PathBuf {
             .find(|p| Path::new(p).exists())
             .expect("busybox-static is installed by .ci/run");
         std::fs::copy(bb, root.join("bin/busybox")).expect("copy busybox");
-        let st = Command::new(root.join("bin/busybox"))
-            .args(["--install", "-s"])
-            .arg(root.join("bin"))
-            .status()
-            .expect("busybox --install");
-        assert!(st.success());
-        // --install -s points the links at the absolute /bin/busybox, which resolves inside.
+        let list = Command::new(root.join("bin/busybox"))
+            .arg("--list")
+            .output()
+            .expect("busybox --list");
+        assert!(list.status.success());
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            if applet != "busybox" {
+                std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
+                    .expect("symlink applet");
+            }
+        }
         std::fs::copy(probe(), root.join("bin/probe")).expect("copy probe");
         std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
@@ -110,11 +114,19 @@ pub fn sh_ok(sb: &Sandbox, script: &str) -> String {
 
 /// Copy a host file into the sandbox (through stdin of `cat`, as a user would) and chmod +x.
 pub fn copy_in(sb: &Sandbox, host: &Path, inside: &str) {
-    let mut spec = ExecSpec::new(["/bin/sh", "-c", &format!("cat > {inside} && chmod 755 {inside}")]);
+    let mut spec = ExecSpec::new([
+        "/bin/sh",
+        "-c",
+        &format!("cat > {inside} && chmod 755 {inside}"),
+    ]);
     spec.stdin = Stdio::Pipe;
     let mut p = sb.exec(spec).expect("exec cat");
     let data = std::fs::read(host).expect("read host file");
-    p.stdin.take().expect("stdin").write_all(&data).expect("write");
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&data)
+        .expect("write");
     let (exit, _, err) = p.output().expect("output");
     assert_eq!(exit.code(), 0, "copy_in: {}", String::from_utf8_lossy(&err));
 }
