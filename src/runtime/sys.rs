@@ -183,3 +183,30 @@ pub fn is_devpts(fd: RawFd) -> bool {
     let ret = unsafe { libc::fstatfs(fd, &mut st) };
     ret == 0 && st.f_type == 0x1cd1
 }
+
+/// `pidfd_open(2)`: a descriptor that names one process for good (no pid reuse race).
+pub fn pidfd_open(pid: i32) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain integer arguments; on success the kernel returns a new descriptor we own.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = nix::errno::Errno::result(ret)?;
+    // SAFETY: `fd` was just created for us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_send_signal(2)`: signal the process a pidfd names; ESRCH once it has exited.
+pub fn pidfd_kill(pidfd: &std::os::fd::OwnedFd, sig: i32) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid pidfd we own, a signal number, a NULL siginfo (the kernel fills in a
+    // default one) and no flags.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    nix::errno::Errno::result(ret).map(drop)
+}
