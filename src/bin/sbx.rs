@@ -115,7 +115,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Signals `sbx run` passes on to the sandbox (as `docker run` does); a second one kills it.
+const FORWARDED: &[nix::sys::signal::Signal] = &[
+    nix::sys::signal::Signal::SIGINT,
+    nix::sys::signal::Signal::SIGTERM,
+    nix::sys::signal::Signal::SIGHUP,
+    nix::sys::signal::Signal::SIGQUIT,
+];
+
 fn run(cfg: &RuntimeConfig, args: RunArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    // Block the forwarded signals in every thread (threads inherit the mask); one thread takes
+    // them with sigwait, so Ctrl-C stops the command and the sandbox is still torn down.
+    let mut mask = nix::sys::signal::SigSet::empty();
+    for s in FORWARDED {
+        mask.add(*s);
+    }
+    mask.thread_block()?;
     let image: ImageRef = args.image.parse()?;
     let seccomp = match args.seccomp.as_str() {
         "default" => SeccompProfile::Default,
@@ -180,6 +195,21 @@ fn run(cfg: &RuntimeConfig, args: RunArgs) -> Result<i32, Box<dyn std::error::Er
     if let Some(mut w) = proc.stdin.take() {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+        });
+    }
+    {
+        let sb = std::sync::Arc::downgrade(&sandbox);
+        std::thread::spawn(move || {
+            let mut count = 0;
+            while let Ok(sig) = mask.wait() {
+                let Some(sb) = sb.upgrade() else { return };
+                count += 1;
+                let _ = if count == 1 {
+                    sb.signal(sig as i32)
+                } else {
+                    sb.kill()
+                };
+            }
         });
     }
     let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

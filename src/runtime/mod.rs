@@ -574,6 +574,21 @@ impl Sandbox {
             .unwrap_or(0)
     }
 
+    /// Send `sig` to the sandbox's init, which forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1
+    /// and SIGUSR2 to every process it started (a polite stop); SIGKILL ends the sandbox.
+    pub fn signal(&self, sig: i32) -> Result<(), RuntimeError> {
+        match &self.inner.init_pidfd {
+            Some(fd) => match sys::pidfd_kill(fd, sig) {
+                Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+                Err(source) => Err(RuntimeError::Sys {
+                    step: "signal the sandbox's init",
+                    source,
+                }),
+            },
+            None => Err(RuntimeError::Finished(self.inner.id.clone())),
+        }
+    }
+
     /// Kill every process of the sandbox. Idempotent.
     pub fn kill(&self) -> Result<(), RuntimeError> {
         if let Some(c) = lock(&self.inner.cgroup).as_ref() {

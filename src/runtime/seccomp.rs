@@ -1,5 +1,5 @@
 //! Seccomp profiles: parse an OCI `LinuxSeccomp` profile, compile it to BPF before clone, and
-//! install it in the payload's process right before `execve`.
+//! install it as the last step of init's setup; every process init starts inherits it.
 //!
 //! Profiles are plain OCI runtime-spec JSON, plus one extra field: `"comment"` (a string or a list
 //! of strings) at the top level and on any syscall entry. oci-spec ignores unknown fields, so we
@@ -7,7 +7,7 @@
 //! Docker's own format (`includes`, `excludes`, `archMap`) would otherwise be read as if its
 //! conditional allows were unconditional, and a typo like `"arg"` would drop a condition silently.
 //!
-//! seccompiler builds one program per action (a program has a single match action), so:
+//! One program per action (seccompiler's model: a program has a single match action), so:
 //! - every rule whose action is not ALLOW becomes a program of its own, "that action if the rule
 //!   matches, else ALLOW", installed first, in profile order;
 //! - the main program, "ALLOW if any rule matches, else the default action", is installed last.
@@ -19,7 +19,10 @@
 //!   for syscall numbers above every syscall we know, so libc falls back from calls newer than
 //!   this build (as runc does); a deliberate deny stays EPERM.
 //!
-//! Only the build architecture is compiled (x86_64 or aarch64). seccompiler's architecture check
+//! Each program dispatches on the syscall number with a binary search (see [`program`]); the
+//! argument conditions are seccompiler's code.
+//!
+//! Only the build architecture is compiled (x86_64 or aarch64). The architecture check
 //! kills the process on any other syscall ABI (i386 `int 0x80`); x32 syscall numbers are above
 //! every native one, so they get ENOSYS (or the default action, if that is not ERRNO).
 //! Syscall names the architecture does not have are skipped and listed in
@@ -34,7 +37,7 @@ use oci_spec::runtime::{
 };
 use seccompiler::{
     sock_filter, BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp,
-    SeccompCondition, SeccompFilter, SeccompRule,
+    SeccompCondition, SeccompRule,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
@@ -256,15 +259,6 @@ impl Chain {
             None => self.always = true,
         }
     }
-
-    /// seccompiler's form: an empty rule list matches the syscall unconditionally.
-    fn into_rules(self) -> Vec<SeccompRule> {
-        if self.always {
-            Vec::new()
-        } else {
-            self.rules
-        }
-    }
 }
 
 /// Turn a parsed profile into BPF programs (see the module comment for the layout).
@@ -370,6 +364,15 @@ fn build(origin: &str, spec: &LinuxSeccomp) -> Result<CompiledSeccomp, SeccompEr
 
 /// One program: `on_match` for what `matches` matches, `otherwise` for the rest, with `prefix`
 /// run first.
+///
+/// Layout: the architecture check (any other syscall ABI kills the process), then a binary
+/// search over the syscall number. Numbers 0..=max split into maximal intervals that share one
+/// outcome (match, no match, or a rule chain for one syscall); the search compares against the
+/// interval starts, so a syscall costs ~log2(intervals) comparisons and the whole program is a
+/// few hundred instructions. seccompiler's own layout tests every syscall in turn (~5
+/// instructions each, ~1,750 for the default profile), and the kernel's cost of loading a filter
+/// grows with its length: ~1 ms for that one against ~0.1 ms for this. Rule chains (argument
+/// conditions) are seccompiler's code, spliced in unchanged.
 fn program(
     origin: &str,
     matches: Matches,
@@ -377,17 +380,40 @@ fn program(
     on_match: SeccompAction,
     prefix: &[sock_filter],
 ) -> Result<BpfProgram, SeccompError> {
-    let build_err = |source| SeccompError::Build {
-        origin: origin.to_string(),
-        action: on_match.clone(),
-        source,
+    let max = max_syscall_number().max(matches.keys().copied().max().unwrap_or(0));
+    // Maximal intervals [start, next start) of one outcome.
+    let mut intervals: Vec<(u32, Outcome)> = Vec::new();
+    let mut push = |nr: u32, o: Outcome| match intervals.last() {
+        Some((_, last)) if *last == o && !matches!(o, Outcome::Rules(_)) => {}
+        _ => intervals.push((nr, o)),
     };
-    let rules = matches.into_iter().map(|(nr, c)| (nr, c.into_rules()));
-    let filter = SeccompFilter::new(rules.collect(), otherwise, on_match.clone(), native::TARGET)
-        .map_err(build_err)?;
-    let body = BpfProgram::try_from(filter).map_err(build_err)?;
+    let mut chains = matches.into_iter().peekable();
+    for nr in 0..=max {
+        let outcome = match chains.peek() {
+            Some((n, _)) if *n == nr => {
+                let (_, chain) = chains.next().expect("peeked");
+                if chain.always {
+                    Outcome::Match
+                } else {
+                    Outcome::Rules(chain.rules)
+                }
+            }
+            _ => Outcome::NoMatch,
+        };
+        push(u32::try_from(nr).unwrap_or(u32::MAX), outcome);
+    }
+    // Numbers above every known syscall: no match (the ERRNO prefix answers ENOSYS first).
+    push(u32::try_from(max + 1).unwrap_or(u32::MAX), Outcome::NoMatch);
+    let on_match_k = u32::from(on_match.clone());
+    let otherwise_k = u32::from(otherwise);
     let mut program = prefix.to_vec();
-    program.extend(body);
+    program.extend([
+        insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
+        insn(JEQ_K, 1, 0, native::AUDIT_ARCH),
+        insn(RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+        insn(LD_W_ABS, 0, 0, NR_OFFSET),
+    ]);
+    program.extend(search(&intervals, on_match_k, otherwise_k));
     // BPF_MAXINSNS: the kernel refuses longer programs.
     const MAX: usize = 4096;
     if program.len() > MAX {
@@ -401,18 +427,76 @@ fn program(
     Ok(program)
 }
 
+/// What a program answers for the syscalls of one interval.
+#[derive(PartialEq)]
+enum Outcome {
+    Match,
+    NoMatch,
+    /// One syscall whose match depends on its arguments: any rule (OR) whose conditions all
+    /// hold (AND).
+    Rules(Vec<SeccompRule>),
+}
+
+// Classic BPF opcodes (linux/bpf_common.h) and `struct seccomp_data` offsets.
+const LD_W_ABS: u16 = 0x20;
+const JEQ_K: u16 = 0x15;
+const JGT_K: u16 = 0x25;
+const JGE_K: u16 = 0x35;
+const JA: u16 = 0x05;
+const RET_K: u16 = 0x06;
+const NR_OFFSET: u32 = 0;
+const ARCH_OFFSET: u32 = 4;
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// Binary search over `intervals` (sorted by start; the syscall number is in A). Jumps of more
+/// than 255 instructions go through a `JA`, whose offset is 32 bits.
+fn search(intervals: &[(u32, Outcome)], on_match: u32, otherwise: u32) -> Vec<sock_filter> {
+    if let [(_, outcome)] = intervals {
+        return match outcome {
+            Outcome::Match => vec![insn(RET_K, 0, 0, on_match)],
+            Outcome::NoMatch => vec![insn(RET_K, 0, 0, otherwise)],
+            Outcome::Rules(rules) => {
+                let mut out = Vec::new();
+                for rule in rules {
+                    // seccompiler's rule code falls through when every condition holds and
+                    // jumps past its end otherwise; conditions load the arguments themselves.
+                    out.extend(BpfProgram::from(rule.clone()));
+                    out.push(insn(RET_K, 0, 0, on_match));
+                }
+                out.push(insn(RET_K, 0, 0, otherwise));
+                out
+            }
+        };
+    }
+    let mid = intervals.len() / 2;
+    let left = search(&intervals[..mid], on_match, otherwise);
+    let right = search(&intervals[mid..], on_match, otherwise);
+    // A still holds the number here: only leaves (which all return) run rule code.
+    let mut out = Vec::new();
+    match u8::try_from(left.len()) {
+        Ok(skip) => out.push(insn(JGE_K, skip, 0, intervals[mid].0)),
+        Err(_) => {
+            out.push(insn(JGE_K, 0, 1, intervals[mid].0));
+            out.push(insn(
+                JA,
+                0,
+                0,
+                u32::try_from(left.len()).unwrap_or(u32::MAX),
+            ));
+        }
+    }
+    out.extend(left);
+    out.extend(right);
+    out
+}
+
 /// A program prefix answering ENOSYS for native syscall numbers above `max` (prepended, so the
 /// relative jumps of the program after it are untouched; foreign ABIs fall through to its
 /// architecture check).
 fn enosys_above(max: i64) -> Vec<sock_filter> {
-    // Classic BPF opcodes (linux/bpf_common.h) and `struct seccomp_data` offsets.
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const JGT_K: u16 = 0x25;
-    const RET_K: u16 = 0x06;
-    const NR_OFFSET: u32 = 0;
-    const ARCH_OFFSET: u32 = 4;
-    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
     let max = u32::try_from(max).unwrap_or(u32::MAX);
     vec![
         insn(LD_W_ABS, 0, 0, ARCH_OFFSET),
@@ -478,7 +562,6 @@ fn condition(arg: &LinuxSeccompArg) -> Result<SeccompCondition, BackendError> {
 /// The build architecture, as seccompiler, oci-spec and the kernel name it.
 #[cfg(target_arch = "x86_64")]
 mod native {
-    pub const TARGET: seccompiler::TargetArch = seccompiler::TargetArch::x86_64;
     pub const OCI_ARCH: oci_spec::runtime::Arch = oci_spec::runtime::Arch::ScmpArchX86_64;
     pub const NAME: &str = "SCMP_ARCH_X86_64";
     /// AUDIT_ARCH_X86_64: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
@@ -486,7 +569,6 @@ mod native {
 }
 #[cfg(target_arch = "aarch64")]
 mod native {
-    pub const TARGET: seccompiler::TargetArch = seccompiler::TargetArch::aarch64;
     pub const OCI_ARCH: oci_spec::runtime::Arch = oci_spec::runtime::Arch::ScmpArchAarch64;
     pub const NAME: &str = "SCMP_ARCH_AARCH64";
     /// AUDIT_ARCH_AARCH64: EM_AARCH64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
@@ -639,6 +721,202 @@ mod tests {
         compile(profile)
             .expect("profile compiles")
             .expect("not unconfined")
+    }
+
+    /// A classic-BPF interpreter for the instructions seccomp programs use here, run against a
+    /// `struct seccomp_data` (nr, arch, ip, args).
+    fn run_bpf(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        let mut data = [0u32; 16];
+        data[0] = nr;
+        data[1] = arch;
+        for (i, a) in args.iter().enumerate() {
+            data[4 + 2 * i] = *a as u32;
+            data[5 + 2 * i] = (*a >> 32) as u32;
+        }
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            match i.code {
+                0x20 => a = data[i.k as usize / 4],
+                0x54 => a &= i.k,
+                0x05 => pc += i.k as usize,
+                0x15 | 0x25 | 0x35 | 0x45 => {
+                    let t = match i.code {
+                        0x15 => a == i.k,
+                        0x25 => a > i.k,
+                        0x35 => a >= i.k,
+                        _ => a & i.k != 0,
+                    };
+                    pc += if t { i.jt } else { i.jf } as usize;
+                }
+                0x06 => return i.k,
+                other => panic!("opcode {other:#x} not interpreted"),
+            }
+        }
+    }
+
+    /// What the profile answers for a call: every program runs, the most severe action wins
+    /// (lower action values are more severe; the kernel compares SECCOMP_RET_ACTION_FULL).
+    fn verdict(c: &CompiledSeccomp, nr: u32, args: [u64; 6]) -> u32 {
+        let action = |r: u32| r & 0xffff_0000;
+        let mut best: Option<u32> = None;
+        for p in c.programs.iter().rev() {
+            let r = run_bpf(p, nr, native::AUDIT_ARCH, args);
+            if best.is_none_or(|b| (action(r) as i32) < (action(b) as i32)) {
+                best = Some(r);
+            }
+        }
+        best.expect("at least one program")
+    }
+
+    /// The same rules through seccompiler's own linear layout: the reference for our search.
+    fn reference_program(
+        matches: &Matches,
+        otherwise: SeccompAction,
+        on_match: SeccompAction,
+    ) -> BpfProgram {
+        let rules = matches
+            .iter()
+            .map(|(nr, c)| {
+                (
+                    *nr,
+                    if c.always {
+                        Vec::new()
+                    } else {
+                        c.rules.clone()
+                    },
+                )
+            })
+            .collect();
+        let target = if cfg!(target_arch = "x86_64") {
+            seccompiler::TargetArch::x86_64
+        } else {
+            seccompiler::TargetArch::aarch64
+        };
+        let f = seccompiler::SeccompFilter::new(rules, otherwise, on_match, target).unwrap();
+        BpfProgram::try_from(f).unwrap()
+    }
+
+    #[test]
+    fn search_layout_answers_like_a_linear_scan_for_every_syscall() {
+        // A profile with every shape: unconditional allows, an AND of two conditions, OR of
+        // rules, masked and ordered comparisons, and gaps between numbers.
+        let mut matches = Matches::new();
+        for nr in [0, 1, 2, 3, 7, 8, 9, 60, 61, 200, 231, 300, 301, 302, 450] {
+            matches.entry(nr).or_default().add(None);
+        }
+        let c = |i, op, v| SeccompCondition::new(i, SeccompCmpArgLen::Qword, op, v).unwrap();
+        let and = SeccompRule::new(vec![
+            c(0, SeccompCmpOp::Gt, 5),
+            c(1, SeccompCmpOp::Lt, 1 << 40),
+        ])
+        .unwrap();
+        let masked = SeccompRule::new(vec![c(0, SeccompCmpOp::MaskedEq(0x7e02_0000), 0)]).unwrap();
+        let ge = SeccompRule::new(vec![c(2, SeccompCmpOp::Ge, u64::MAX - 1)]).unwrap();
+        matches.entry(56).or_default().add(Some(&masked));
+        matches.entry(41).or_default().add(Some(&and));
+        matches.entry(41).or_default().add(Some(&ge));
+        let eperm = SeccompAction::Errno(libc::EPERM as u32);
+        let ours = program(
+            "test",
+            copy(&matches),
+            eperm.clone(),
+            SeccompAction::Allow,
+            &[],
+        )
+        .unwrap();
+        let reference = reference_program(&matches, eperm, SeccompAction::Allow);
+        let argsets = [
+            [0u64; 6],
+            [6, 1, 0, 0, 0, 0],
+            [6, 1 << 41, 0, 0, 0, 0],
+            [0x1000_0000, 0, u64::MAX, 0, 0, 0],
+            [0x0002_0000 | 0x11, 0, 0, 0, 0, 0],
+            [u64::MAX, u64::MAX, u64::MAX - 1, 0, 0, 0],
+        ];
+        for nr in 0..600u32 {
+            for args in argsets {
+                assert_eq!(
+                    run_bpf(&ours, nr, native::AUDIT_ARCH, args),
+                    run_bpf(&reference, nr, native::AUDIT_ARCH, args),
+                    "syscall {nr} args {args:x?}"
+                );
+            }
+        }
+        // Another ABI is killed, as seccompiler's layout does.
+        assert_eq!(
+            run_bpf(&ours, 1, 0x4000_0003, [0; 6]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    fn copy(m: &Matches) -> Matches {
+        m.iter()
+            .map(|(nr, c)| {
+                (
+                    *nr,
+                    Chain {
+                        always: c.always,
+                        rules: c.rules.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn default_profile_verdicts() {
+        let c = compiled(&SeccompProfile::Default);
+        let nr = |name: &str| syscall_number(name).unwrap() as u32;
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        for denied in [
+            "mount",
+            "unshare",
+            "setns",
+            "keyctl",
+            "bpf",
+            "reboot",
+            "kexec_load",
+        ] {
+            assert_eq!(verdict(&c, nr(denied), [0; 6]), eperm, "{denied}");
+        }
+        for allowed in [
+            "read",
+            "write",
+            "openat",
+            "execve",
+            "exit_group",
+            "futex",
+            "getpid",
+        ] {
+            assert_eq!(
+                verdict(&c, nr(allowed), [0; 6]),
+                libc::SECCOMP_RET_ALLOW,
+                "{allowed}"
+            );
+        }
+        // clone: allowed without namespace flags, denied with CLONE_NEWUSER.
+        assert_eq!(
+            verdict(&c, nr("clone"), [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            libc::SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            verdict(&c, nr("clone"), [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]),
+            eperm
+        );
+        assert_eq!(
+            verdict(&c, nr("clone3"), [0; 6]),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        // Past every known syscall: ENOSYS, so libc falls back.
+        assert_eq!(
+            verdict(&c, 1000, [0; 6]),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        // Short programs load fast; the longest stays well under the kernel's 4096.
+        let longest = c.programs.iter().map(Vec::len).max().unwrap();
+        assert!(longest < 400, "main program is {longest} instructions");
     }
 
     #[test]
