@@ -27,15 +27,26 @@ pub fn probe() -> PathBuf {
     P.get_or_init(|| {
         let dir = test_root().join("bin");
         std::fs::create_dir_all(&dir).expect("mkdir test bin");
-        let out = dir.join(format!("probe-{}", std::process::id()));
+        let out = dir.join("probe");
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/probe.c");
-        let st = Command::new("cc")
-            .args(["-static", "-O2", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("run cc (gcc and libc6-dev are installed by .ci/run)");
-        assert!(st.success(), "building the syscall probe failed");
+        let fresh = |o: &Path| {
+            let (Ok(a), Ok(b)) = (std::fs::metadata(o), std::fs::metadata(&src)) else {
+                return false;
+            };
+            a.modified().ok() >= b.modified().ok()
+        };
+        if !fresh(&out) {
+            // Build aside and rename: test processes running at once never see half a binary.
+            let tmp = dir.join(format!("probe.{}", std::process::id()));
+            let st = Command::new("cc")
+                .args(["-static", "-O2", "-o"])
+                .arg(&tmp)
+                .arg(&src)
+                .status()
+                .expect("run cc (gcc and libc6-dev are installed by scripts/setup.sh)");
+            assert!(st.success(), "building the syscall probe failed");
+            std::fs::rename(&tmp, &out).expect("rename probe");
+        }
         out
     })
     .clone()
@@ -45,30 +56,40 @@ pub fn probe() -> PathBuf {
 pub fn busybox_rootfs() -> PathBuf {
     static R: OnceLock<PathBuf> = OnceLock::new();
     R.get_or_init(|| {
-        let root = test_root().join(format!("busybox-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        // Shared by every test process: built aside and renamed into place once.
+        let root = test_root().join("busybox-rootfs");
+        if root.join(".complete").exists() {
+            return root;
+        }
+        let tmp = test_root().join(format!("busybox-rootfs.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
         for d in ["bin", "etc", "tmp", "root", "proc", "sys", "dev", "usr/bin"] {
-            std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+            std::fs::create_dir_all(tmp.join(d)).expect("mkdir rootfs");
         }
         let bb = ["/bin/busybox", "/usr/bin/busybox"]
             .into_iter()
             .find(|p| Path::new(p).exists())
-            .expect("busybox-static is installed by .ci/run");
-        std::fs::copy(bb, root.join("bin/busybox")).expect("copy busybox");
-        let list = Command::new(root.join("bin/busybox"))
+            .expect("busybox-static is installed by scripts/setup.sh");
+        std::fs::copy(bb, tmp.join("bin/busybox")).expect("copy busybox");
+        let list = Command::new(tmp.join("bin/busybox"))
             .arg("--list")
             .output()
             .expect("busybox --list");
         assert!(list.status.success());
         for applet in String::from_utf8_lossy(&list.stdout).lines() {
             if applet != "busybox" {
-                std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
+                std::os::unix::fs::symlink("busybox", tmp.join("bin").join(applet))
                     .expect("symlink applet");
             }
         }
-        std::fs::copy(probe(), root.join("bin/probe")).expect("copy probe");
-        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-        std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+        std::fs::copy(probe(), tmp.join("bin/probe")).expect("copy probe");
+        std::fs::write(tmp.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(tmp.join("etc/group"), "root:x:0:\n").unwrap();
+        std::fs::write(tmp.join(".complete"), "").unwrap();
+        if std::fs::rename(&tmp, &root).is_err() {
+            // Another test process finished first: use theirs.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
         root
     })
     .clone()
