@@ -39,6 +39,7 @@ fn teardown_leaves_nothing() {
         let sb = spawn(image);
         let id = sb.id().to_string();
         let init = sb.init_pid();
+        let started = start_time(init).unwrap();
         // The rootfs is mounted only in the sandbox's own namespaces, never on the host.
         assert!(host_mounts_with(&id).is_empty());
         assert!(!cgroup_dirs(&id).is_empty());
@@ -48,10 +49,8 @@ fn teardown_leaves_nothing() {
         );
         sb.destroy().unwrap();
         assert_gone(&id);
-        assert!(
-            !std::path::Path::new(&format!("/proc/{init}")).exists(),
-            "init survived"
-        );
+        // Gone (pid_max may be small: a recycled pid is another process, with another start).
+        assert_ne!(start_time(init), Some(started), "init survived");
     }
 }
 
@@ -99,6 +98,17 @@ fn teardown_after_the_helper_or_init_was_sigkilled() {
     // Orphaned by the helper's death, init was re-parented to the host's init, which reaps it in
     // its own time: dead (a zombie at most) is what teardown guarantees.
     assert!(dead(init), "init {init} survived teardown");
+}
+
+/// A process's start time (field 22 of /proc/PID/stat), which tells a recycled pid apart.
+fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 fn dead(pid: i32) -> bool {

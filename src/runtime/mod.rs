@@ -681,7 +681,15 @@ impl Cleanup {
             }
         }
         if let Some(mut child) = self.helper.take() {
-            // The helper exits once init is dead; a helper stuck in setup is killed.
+            // The helper reaps init and exits on its own once init is dead; give it a moment
+            // (killing it first would leave init a zombie for the host's init to reap). A
+            // helper stuck in setup is killed.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut nap = std::time::Duration::from_micros(50);
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(std::time::Duration::from_millis(5));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
