@@ -496,3 +496,19 @@ fn stdin_pty_env_cwd_and_users() {
     assert!(text.contains("/dev/pts/0"), "{text}");
     assert!(text.contains("33 101"), "{text}");
 }
+
+#[test]
+fn resource_limits_apply_inside() {
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    assert_eq!(sh_ok(&sb, "ulimit -c").trim(), "0");
+    let n: u64 = sh_ok(&sb, "ulimit -n").trim().parse().unwrap();
+    assert!(n > 0 && n <= 65536, "nofile {n}");
+    // The memory limit is what the cgroup holds (1 GiB by default).
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/sbx/{}/memory.limit_in_bytes",
+        sb.id()
+    ))
+    .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/sbx/{}/memory.max", sb.id())))
+    .unwrap();
+    assert_eq!(limit.trim(), (1u64 << 30).to_string());
+}

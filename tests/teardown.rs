@@ -212,3 +212,84 @@ fn many_sandboxes_leak_nothing() {
     );
     assert!(host_mounts_with("").len() <= mounts0, "host mounts grew");
 }
+
+#[test]
+fn a_waiter_does_not_block_exec_and_helper_death_is_not_sandbox_death() {
+    let sb = std::sync::Arc::new(spawn(ImageRef::Dir(busybox_rootfs())));
+    let waiter = {
+        let sb = sb.clone();
+        std::thread::spawn(move || sb.wait().unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // exec from another thread while wait() blocks.
+    assert_eq!(sh_ok(&sb, "echo during-wait").trim(), "during-wait");
+    // Kill the helper: the waiter must not report the end while init still serves.
+    let init = sb.init_pid();
+    let helper = std::fs::read_to_string(format!("/proc/{init}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("PPid:")
+                .map(|p| p.trim().parse::<i32>().unwrap())
+        })
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "wait() returned while init was alive"
+    );
+    assert_eq!(
+        sh_ok(&sb, "echo after-helper-death").trim(),
+        "after-helper-death"
+    );
+    sb.kill().unwrap();
+    let exit = waiter.join().unwrap();
+    assert_eq!((exit.code(), exit.oom), (137, false));
+}
+
+#[test]
+fn oom_is_attributed_to_the_end_it_caused() {
+    // The entrypoint is OOM-killed: the sandbox's end is an OOM end.
+    let mut entry = ExecSpec::new(["python3", "-c", "x = b'a' * (512 << 20)"]);
+    entry.stdout = Stdio::Null;
+    entry.stderr = Stdio::Null;
+    let sb = Sandbox::spawn(
+        &config(),
+        SandboxSpec {
+            image: ImageRef::Host,
+            limits: sbx::runtime::Limits {
+                memory_bytes: Some(64 << 20),
+                ..Default::default()
+            },
+            entrypoint: Some(entry),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = sb.take_entrypoint().unwrap().wait().unwrap();
+    assert!(e.oom && e.code() == 137, "{e:?}");
+    let e = sb.wait().unwrap();
+    assert!(e.oom && e.code() == 137, "{e:?}");
+
+    // An exec was OOM-killed earlier, then we kill the sandbox: that end is not an OOM.
+    let sb = spawn_spec(SandboxSpec {
+        image: ImageRef::Host,
+        limits: sbx::runtime::Limits {
+            memory_bytes: Some(64 << 20),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let p = sb
+        .exec(ExecSpec::new(["python3", "-c", "x = b'a' * (512 << 20)"]))
+        .unwrap();
+    assert!(p.output().unwrap().0.oom);
+    sb.kill().unwrap();
+    let e = sb.wait().unwrap();
+    assert_eq!((e.code(), e.oom), (137, false));
+}

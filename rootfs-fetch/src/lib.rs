@@ -155,7 +155,7 @@ networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n"
 /// of the host files it copies, so a host upgrade (a new ld.so.cache) yields a fresh one.
 fn host_image(state_dir: &Path, host_root: &Path) -> Result<Resolved, ImageError> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    "skeleton-v1".hash(&mut hasher);
+    "skeleton-v2".hash(&mut hasher);
     for name in HOST_ETC {
         let p = host_root.join("etc").join(name);
         if let Ok(m) = fs::symlink_metadata(&p) {
@@ -253,7 +253,6 @@ fn build_skeleton(
         ("group", GROUP),
         ("hosts", HOSTS),
         ("nsswitch.conf", NSSWITCH),
-        ("hostname", "sandbox\n"),
     ] {
         let p = etc.join(name);
         fs::write(&p, content).map_err(err(&p))?;

@@ -213,26 +213,43 @@ fn run(cfg: &RuntimeConfig, args: RunArgs) -> Result<i32, Box<dyn std::error::Er
         });
     }
     let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(t) = args.timeout {
-        // A weak handle: the sandbox is destroyed below whether or not the timer fired.
+    // The timer waits on a channel: dropping `stop` ends it early, and it is joined before
+    // teardown, so it never holds the sandbox while we destroy it.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let timer = args.timeout.map(|t| {
         let (sb, flag) = (std::sync::Arc::downgrade(&sandbox), timed_out.clone());
         std::thread::spawn(move || {
-            std::thread::sleep(t);
-            if let Some(sb) = sb.upgrade() {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                let _ = sb.kill();
+            if stopped.recv_timeout(t) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                if let Some(sb) = sb.upgrade() {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = sb.kill();
+                }
             }
-        });
-    }
+        })
+    });
     let exit = proc.wait()?;
     for t in [out, err].into_iter().flatten() {
         let _ = t.join();
     }
     drop(proc);
-    match std::sync::Arc::try_unwrap(sandbox) {
-        Ok(sb) => sb.destroy()?,
-        // The timer holds it for an instant: its drop tears the sandbox down.
-        Err(sb) => drop(sb),
+    drop(stop);
+    if let Some(t) = timer {
+        let _ = t.join();
+    }
+    // Only weak handles remain elsewhere: the signal thread may hold a strong one for the
+    // instant it forwards a signal, so retry briefly rather than leave teardown to it.
+    let mut sandbox = sandbox;
+    for _ in 0..1000 {
+        match std::sync::Arc::try_unwrap(sandbox) {
+            Ok(sb) => {
+                sb.destroy()?;
+                break;
+            }
+            Err(sb) => {
+                sandbox = sb;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
     if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
         return Ok(124);

@@ -4,8 +4,8 @@
 //!
 //! Lifecycle: the daemon side calls [`SandboxCgroup::create`] *before* the sandbox process exists
 //! (limits must be in place before untrusted code runs); the spawn helper writes the child's pid into
-//! every file of [`SandboxCgroup::procs_files`] (or uses `clone3(CLONE_INTO_CGROUP)` on v2) before
-//! releasing it; teardown is [`SandboxCgroup::destroy`] (freeze → SIGKILL all → thaw, or
+//! every file of [`SandboxCgroup::procs_files`] before releasing it (`clone3(CLONE_INTO_CGROUP)`
+//! on v2 would save that write; not used yet); teardown is [`SandboxCgroup::destroy`] (freeze → SIGKILL all → thaw, or
 //! `cgroup.kill`, then `rmdir`). After a daemon crash, [`SandboxCgroup::load`] re-adopts a cgroup by
 //! name so it can be destroyed. Dropping a `SandboxCgroup` does nothing: the cgroup outlives the
 //! handle on purpose (a restarted daemon re-adopts running sandboxes).

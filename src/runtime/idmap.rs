@@ -4,8 +4,8 @@
 //! `RANGE_BASE + slot * RANGE_SIZE`, far above ordinary users (Debian's subuid ranges start at
 //! 100000). A slot is taken by creating `<run_dir>/uids/<slot>` with `O_EXCL` (atomic across
 //! processes, so two daemons or a daemon and a test cannot share a range) and released by
-//! deleting it at teardown. The file holds the sandbox id, so a crashed owner's slots can be
-//! reclaimed by whoever tears that sandbox down.
+//! deleting it at teardown. The file holds the sandbox id, so a person (or, later, a restarted
+//! daemon re-adopting its sandboxes) can tell whose a slot is; nothing reclaims slots on its own.
 
 use std::fs::OpenOptions;
 use std::io::Write;

@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod helper;
 pub mod idmap;
 pub mod init;
+pub mod pool;
 pub mod proto;
 pub mod seccomp;
 pub mod sys;
@@ -26,7 +27,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 
 /// Where a runtime keeps its files and finds its helper binary.
@@ -38,6 +39,8 @@ pub struct RuntimeConfig {
     pub run_dir: PathBuf,
     /// The `sbx-init` binary (helper and init).
     pub init_binary: PathBuf,
+    /// Helpers exec'd ahead of time and kept idle, so a spawn skips that step; 0 disables.
+    pub warm_helpers: usize,
 }
 
 impl RuntimeConfig {
@@ -56,6 +59,7 @@ impl RuntimeConfig {
             state_dir: PathBuf::from("/var/lib/sbx"),
             run_dir: PathBuf::from("/run/sbx"),
             init_binary,
+            warm_helpers: 2,
         }
     }
 }
@@ -219,6 +223,12 @@ struct Inner {
     /// The helper's end of the control pair: it reports init's exit here.
     control: OwnedFd,
     exit: Mutex<Option<Exit>>,
+    /// Held by the thread blocked in [`Sandbox::wait`].
+    waiter: Mutex<()>,
+    /// How the entrypoint ended, as its [`Process::wait`] saw it (exact OOM attribution).
+    entrypoint_exit: Mutex<Option<Exit>>,
+    /// Set once kill() was asked: a 137 after it is our kill, not the OOM killer.
+    killed: std::sync::atomic::AtomicBool,
     entrypoint: Mutex<Option<Process>>,
 }
 
@@ -345,40 +355,16 @@ impl Sandbox {
             limits: spec.limits.clone(),
         };
 
-        let (ours, theirs) = proto::seqpacket_pair().map_err(|source| RuntimeError::Sys {
-            step: "create the helper socketpair",
-            source,
-        })?;
-        let log_path = run_dir.join("helper.log");
-        let log = File::create(&log_path).map_err(|source| RuntimeError::Io {
-            step: "create the helper log",
-            path: log_path.clone(),
-            source,
-        })?;
-        let mut cmd = Command::new(&cfg.init_binary);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .env_clear();
-        let theirs_raw = theirs.as_raw_fd();
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: the closure runs between fork and exec in the child and only calls dup2,
-            // which is async-signal-safe; it allocates nothing and takes no lock.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::dup2(theirs_raw, helper::CONTROL_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+        let log = cfg.run_dir.join("helper.log");
+        let pool::Helper {
+            child,
+            control: ours,
+        } = pool::take(&cfg.init_binary, &log, cfg.warm_helpers).map_err(|source| {
+            RuntimeError::SpawnHelper {
+                path: cfg.init_binary.clone(),
+                source,
             }
-        }
-        let child = cmd.spawn().map_err(|source| RuntimeError::SpawnHelper {
-            path: cfg.init_binary.clone(),
-            source,
         })?;
-        drop(theirs);
         cleanup.helper = Some(child);
 
         proto::send(ours.as_raw_fd(), "helper config", &config, &[])?;
@@ -395,6 +381,9 @@ impl Sandbox {
                 helper: Mutex::new(cleanup.helper.take()),
                 control: ours,
                 exit: Mutex::new(None),
+                waiter: Mutex::new(()),
+                entrypoint_exit: Mutex::new(None),
+                killed: std::sync::atomic::AtomicBool::new(false),
                 entrypoint: Mutex::new(None),
             }),
             HelperEvent::Failed { step, error } => Err(RuntimeError::Setup { step, error }),
@@ -556,6 +545,7 @@ impl Sandbox {
                     oom_base,
                     sandbox: self.inner.clone(),
                     exit: None,
+                    entrypoint,
                 })
             }
             ExecEvent::Failed { step, errno } => Err(RuntimeError::Exec { argv0, step, errno }),
@@ -591,6 +581,9 @@ impl Sandbox {
 
     /// Kill every process of the sandbox. Idempotent.
     pub fn kill(&self) -> Result<(), RuntimeError> {
+        self.inner
+            .killed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(c) = lock(&self.inner.cgroup).as_ref() {
             kill_sandbox(self.inner.init_pidfd.as_ref(), c)?;
         }
@@ -599,21 +592,42 @@ impl Sandbox {
 
     /// Block until the sandbox ends (init exited: its entrypoint finished, or it was killed).
     pub fn wait(&self) -> Result<Exit, RuntimeError> {
-        let mut exit = lock(&self.inner.exit);
-        if let Some(e) = *exit {
+        // One waiter reads the helper's report; others queue here. `exit` itself is held only
+        // for an instant, so exec() from other threads is never blocked by a waiter.
+        let _waiter = lock(&self.inner.waiter);
+        if let Some(e) = *lock(&self.inner.exit) {
             return Ok(e);
         }
-        let oom_before = 0;
         let status = match proto::recv::<HelperEvent>(self.inner.control.as_raw_fd(), "init exit")?
         {
             Some((HelperEvent::Exited { status }, _)) => status,
-            // The helper itself was killed: the sandbox is over (or about to be, by teardown).
-            _ => WaitStatus::Signal(libc::SIGKILL),
+            // The helper died (killed by someone): init does not depend on it and may still be
+            // serving. Wait for init itself; its status died with the helper, so report a kill.
+            _ => {
+                if let Some(fd) = &self.inner.init_pidfd {
+                    wait_readable(fd);
+                }
+                WaitStatus::Signal(libc::SIGKILL)
+            }
         };
-        let oom = status == WaitStatus::Signal(libc::SIGKILL) && self.oom_kills() > oom_before;
+        let oom = self.ended_by_oom(status);
         let e = Exit { status, oom };
-        *exit = Some(e);
+        *lock(&self.inner.exit) = Some(e);
         Ok(e)
+    }
+
+    /// Whether a sandbox that ended with `status` ended because of the OOM killer: the
+    /// entrypoint's own report when it was waited for, else a 137 that no kill() of ours
+    /// explains in a cgroup where the OOM killer struck.
+    fn ended_by_oom(&self, status: WaitStatus) -> bool {
+        if let Some(entry) = *lock(&self.inner.entrypoint_exit) {
+            if entry.status.exit_code() == status.exit_code() {
+                return entry.oom;
+            }
+        }
+        status.exit_code() == 128 + libc::SIGKILL
+            && !self.inner.killed.load(std::sync::atomic::Ordering::SeqCst)
+            && self.oom_kills() > 0
     }
 
     /// Kill everything, wait for it, unmount (the mounts live only in the sandbox's namespaces),
@@ -675,9 +689,11 @@ impl Cleanup {
         let mut errors = Vec::new();
         // Kill first (through init's pidfd, then the cgroup): that reaches init even if the
         // helper is gone.
+        let mut all_dead = true;
         if let Some(cg) = &self.cgroup {
             if let Err(e) = kill_sandbox(self.init_pidfd.as_ref(), cg) {
                 errors.push(e.to_string());
+                all_dead = false;
             }
         }
         if let Some(mut child) = self.helper.take() {
@@ -703,7 +719,14 @@ impl Cleanup {
                 errors.push(format!("remove {}: {e}", d.display()));
             }
         }
-        if let Err(e) = self.ids.release() {
+        // A range still used by a process that would not die must not go to a new sandbox:
+        // keep it taken (its slot file names the sandbox) and say so.
+        if !all_dead {
+            errors.push(format!(
+                "uid range {} stays reserved: processes of the sandbox survived the kill",
+                self.ids.slot
+            ));
+        } else if let Err(e) = self.ids.release() {
             errors.push(format!("release uid range {}: {e}", self.ids.slot));
         }
         if errors.is_empty() {
@@ -741,6 +764,7 @@ pub struct Process {
     oom_base: u64,
     sandbox: Arc<Inner>,
     exit: Option<Exit>,
+    entrypoint: bool,
 }
 
 impl std::fmt::Debug for Process {
@@ -778,6 +802,9 @@ impl Process {
                 .unwrap_or(false);
         let e = Exit { status, oom };
         self.exit = Some(e);
+        if self.entrypoint {
+            *lock(&self.sandbox.entrypoint_exit) = Some(e);
+        }
         Ok(e)
     }
 
@@ -820,6 +847,19 @@ fn kill_sandbox(
         }
     }
     cgroup.kill_all()
+}
+
+/// Block until the process behind `pidfd` has exited (a pidfd polls readable then).
+fn wait_readable(pidfd: &OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::Error::EINTR) => continue,
+            _ => return,
+        }
+    }
 }
 
 /// A pidfd for init, only if the process behind `pid` is really in this sandbox's cgroup (so a

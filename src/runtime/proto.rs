@@ -75,11 +75,22 @@ pub fn recv<T: DeserializeOwned>(
     sock: RawFd,
     what: &'static str,
 ) -> Result<Option<(T, Vec<OwnedFd>)>, ProtoError> {
+    thread_local! {
+        // One receive buffer per thread, reused: exec requests are on the hot path.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MESSAGE]);
+    }
+    BUF.with(|b| recv_into(sock, what, &mut b.borrow_mut()))
+}
+
+fn recv_into<T: DeserializeOwned>(
+    sock: RawFd,
+    what: &'static str,
+    buf: &mut [u8],
+) -> Result<Option<(T, Vec<OwnedFd>)>, ProtoError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds, truncated) = loop {
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(m) => {
                 let mut fds = Vec::new();

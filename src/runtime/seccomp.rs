@@ -152,7 +152,8 @@ pub fn compile(profile: &SeccompProfile) -> Result<Option<CompiledSeccomp>, Secc
 }
 
 impl CompiledSeccomp {
-    /// Install every program on the calling thread (sets no_new_privs). Call last before execve.
+    /// Install every program on the calling thread (sets no_new_privs). Init calls it as the
+    /// last step of its setup; every process it starts inherits the filter.
     ///
     /// Allocates nothing, so it is safe in a child forked from a multi-threaded process.
     pub fn install(&self) -> Result<(), SeccompError> {

@@ -18,6 +18,7 @@ pub fn config() -> RuntimeConfig {
         state_dir: test_root().join("state"),
         run_dir: test_root().join("run"),
         init_binary: PathBuf::from(env!("CARGO_BIN_EXE_sbx-init")),
+        warm_helpers: 2,
     }
 }
 
