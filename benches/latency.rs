@@ -117,7 +117,10 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let rootfs = support::busybox_rootfs();
-    let cfg = support::config();
+    // As a long-running daemon runs it: warm helpers, cleanup after death off the caller's path
+    // (flushed before the figures are printed).
+    let mut cfg = support::config();
+    cfg.background_cleanup = true;
     let image = ImageRef::Dir(rootfs.clone());
     println!(
         "sbx latency bench: {rounds} rounds, busybox rootfs {}",
@@ -166,6 +169,7 @@ fn main() {
     });
     sb.destroy().expect("destroy");
 
+    sbx::runtime::janitor::flush();
     println!("{:<44} {:>10} {:>10}", "measure", "median ms", "p90 ms");
     let row = |name: &str, s: &Stats| {
         println!("{:<44} {:>10.2} {:>10.2}", name, ms(s.median), ms(s.p90));

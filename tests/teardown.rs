@@ -7,6 +7,9 @@ use sbx::runtime::{ExecSpec, ImageRef, Sandbox, SandboxSpec, Stdio, WaitStatus};
 use support::*;
 
 fn assert_gone(id: &str) {
+    // destroy() returns once nothing of the sandbox runs; the janitor finishes the rest.
+    let errors = sbx::runtime::janitor::flush();
+    assert!(errors.is_empty(), "background teardown failed: {errors:?}");
     assert!(
         host_mounts_with(id).is_empty(),
         "mounts left: {:?}",
@@ -292,4 +295,48 @@ fn oom_is_attributed_to_the_end_it_caused() {
     sb.kill().unwrap();
     let e = sb.wait().unwrap();
     assert_eq!((e.code(), e.oom), (137, false));
+}
+
+#[test]
+fn background_cleanup_finishes_after_destroy_returns() {
+    let mut cfg = config();
+    cfg.background_cleanup = true;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let sb = Sandbox::spawn(
+            &cfg,
+            SandboxSpec {
+                image: ImageRef::Dir(busybox_rootfs()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let init = sb.init_pid();
+        let started = start_time(init).unwrap();
+        sh_ok(&sb, "echo x > /tmp/f; sleep 100 >/dev/null 2>&1 & echo ok");
+        ids.push(sb.id().to_string());
+        sb.destroy().unwrap();
+        // When destroy returns, nothing of the sandbox runs (init may be a zombie until its
+        // helper reaps it).
+        assert!(
+            start_time(init) != Some(started) || dead(init),
+            "init still running"
+        );
+    }
+    // After flush, nothing at all is left (assert_gone flushes and checks for errors).
+    for id in &ids {
+        assert_gone(id);
+    }
+    for trash in [cfg.state_dir.join("trash"), cfg.run_dir.join("trash")] {
+        let left: Vec<String> = std::fs::read_dir(&trash)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().into_string().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &ids {
+            assert!(!left.contains(id), "{id} still in {}", trash.display());
+        }
+    }
 }

@@ -77,18 +77,17 @@ pub struct Resolved {
 }
 
 /// Directories every sandbox upper layer starts with, owned by the sandbox's root, with their
-/// modes: they make the rootfs writable where programs expect it, and give mount points.
+/// modes: they make the rootfs writable where programs expect it.
 pub const UPPER_DIRS: &[(&str, u32)] = &[
     ("root", 0o700),
     ("tmp", 0o1777),
     ("home", 0o755),
     ("var", 0o755),
     ("var/tmp", 0o1777),
-    ("proc", 0o555),
-    ("sys", 0o555),
-    ("dev", 0o755),
-    ("run", 0o755),
 ];
+
+/// Mount points a sandbox needs; created in its upper layer when the image has none.
+pub const MOUNT_POINTS: &[&str] = &["proc", "sys", "dev"];
 
 /// Resolve an image to its layers, building what is built-in on first use.
 pub fn resolve(image: &ImageRef, state_dir: &Path) -> Result<Resolved, ImageError> {
@@ -236,7 +235,10 @@ fn build_skeleton(
     for (rel, mode) in UPPER_DIRS {
         mkdir(rel, *mode)?;
     }
-    for rel in ["etc", "usr", "mnt", "opt", "srv", "media"] {
+    for rel in MOUNT_POINTS {
+        mkdir(rel, 0o555)?;
+    }
+    for rel in ["etc", "usr", "mnt", "opt", "srv", "media", "run"] {
         mkdir(rel, 0o755)?;
     }
     for b in binds {

@@ -102,6 +102,8 @@ fn main() -> ExitCode {
         }
         Cmd::Run(args) => {
             let mut cfg = RuntimeConfig::from_env();
+            // One sandbox, then exit: no idle helpers, no background deletion.
+            cfg.warm_helpers = 0;
             cfg.state_dir = cli.state_dir;
             cfg.run_dir = cli.run_dir;
             match run(&cfg, *args) {

@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod helper;
 pub mod idmap;
 pub mod init;
+pub mod janitor;
 pub mod pool;
 pub mod proto;
 pub mod seccomp;
@@ -41,6 +42,11 @@ pub struct RuntimeConfig {
     pub init_binary: PathBuf,
     /// Helpers exec'd ahead of time and kept idle, so a spawn skips that step; 0 disables.
     pub warm_helpers: usize,
+    /// Let `destroy` return as soon as every process of the sandbox is dead, and finish the
+    /// rest (reap the helper, remove the cgroup and directories, release the uid range) on a
+    /// background thread. A program that turns this on must call [`janitor::flush`] before it
+    /// exits, or that cleanup is left undone. Off by default.
+    pub background_cleanup: bool,
 }
 
 impl RuntimeConfig {
@@ -60,6 +66,7 @@ impl RuntimeConfig {
             run_dir: PathBuf::from("/run/sbx"),
             init_binary,
             warm_helpers: 2,
+            background_cleanup: false,
         }
     }
 }
@@ -218,6 +225,7 @@ struct Inner {
     run_dir: PathBuf,
     sandbox_state: PathBuf,
     ids: idmap::IdRange,
+    background_cleanup: bool,
     cgroup: Mutex<Option<cgroups::SandboxCgroup>>,
     helper: Mutex<Option<Child>>,
     /// The helper's end of the control pair: it reports init's exit here.
@@ -324,6 +332,12 @@ impl Sandbox {
             mkdir(&p, *mode)?;
             chown_to(&p, ids.base)?;
         }
+        // Mount points the image lacks (a bare rootfs directory may have no /proc).
+        for rel in rootfs_fetch::MOUNT_POINTS {
+            if !image.lowers.iter().any(|l| l.join(rel).is_dir()) {
+                mkdir(&upper.join(rel), 0o755)?;
+            }
+        }
 
         let cgroup = cgroups::SandboxCgroup::create(&format!("sbx/{id}"), &spec.limits)?;
         let cgroup_procs = cgroup.procs_files();
@@ -377,6 +391,7 @@ impl Sandbox {
                 run_dir,
                 sandbox_state,
                 ids: ids.clone(),
+                background_cleanup: cfg.background_cleanup,
                 cgroup: Mutex::new(cleanup.cgroup.take()),
                 helper: Mutex::new(cleanup.helper.take()),
                 control: ours,
@@ -644,6 +659,7 @@ impl Inner {
         cleanup.cgroup = lock(&self.cgroup).take();
         cleanup.helper = lock(&self.helper).take();
         cleanup.dirs = vec![self.run_dir.clone(), self.sandbox_state.clone()];
+        cleanup.background = self.background_cleanup;
         if cleanup.cgroup.is_none() && cleanup.helper.is_none() {
             return Ok(()); // already torn down
         }
@@ -671,6 +687,7 @@ struct Cleanup {
     init_pidfd: Option<OwnedFd>,
     helper: Option<Child>,
     dirs: Vec<PathBuf>,
+    background: bool,
 }
 
 impl Cleanup {
@@ -682,6 +699,7 @@ impl Cleanup {
             init_pidfd: None,
             helper: None,
             dirs: Vec::new(),
+            background: false,
         }
     }
 
@@ -696,39 +714,21 @@ impl Cleanup {
                 all_dead = false;
             }
         }
-        if let Some(mut child) = self.helper.take() {
-            // The helper reaps init and exits on its own once init is dead; give it a moment
-            // (killing it first would leave init a zombie for the host's init to reap). A
-            // helper stuck in setup is killed.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            let mut nap = std::time::Duration::from_micros(50);
-            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-                std::thread::sleep(nap);
-                nap = (nap * 2).min(std::time::Duration::from_millis(5));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        let (helper, cgroup) = (self.helper.take(), self.cgroup.take());
+        if self.background && all_dead {
+            // Nothing of the sandbox runs any more: the rest is bookkeeping, done off the
+            // caller's path. The directories leave their names at once.
+            let dirs: Vec<PathBuf> = self.dirs.iter().map(|d| janitor::to_trash(d)).collect();
+            let (id, ids) = (self.id, self.ids);
+            janitor::submit(move || {
+                finish(helper, cgroup, &dirs, &ids, true)
+                    .into_iter()
+                    .map(|e| format!("teardown of {id}: {e}"))
+                    .collect()
+            });
+            return Ok(());
         }
-        if let Some(cg) = self.cgroup.take() {
-            if let Err(e) = cg.destroy() {
-                errors.push(e.to_string());
-            }
-        }
-        for d in &self.dirs {
-            if let Err(e) = remove_tree(d) {
-                errors.push(format!("remove {}: {e}", d.display()));
-            }
-        }
-        // A range still used by a process that would not die must not go to a new sandbox:
-        // keep it taken (its slot file names the sandbox) and say so.
-        if !all_dead {
-            errors.push(format!(
-                "uid range {} stays reserved: processes of the sandbox survived the kill",
-                self.ids.slot
-            ));
-        } else if let Err(e) = self.ids.release() {
-            errors.push(format!("release uid range {}: {e}", self.ids.slot));
-        }
+        errors.extend(finish(helper, cgroup, &self.dirs, &self.ids, all_dead));
         if errors.is_empty() {
             Ok(())
         } else {
@@ -740,13 +740,50 @@ impl Cleanup {
     }
 }
 
-/// Remove a directory tree; a missing one is fine. The overlay's work dir holds a mode-000
-/// `work` subdir, which root removes anyway.
-fn remove_tree(p: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+/// The part of teardown after every process is dead (or could not be killed: `all_dead`):
+/// reap the helper, remove the cgroup and the directories, release the uid range.
+fn finish(
+    helper: Option<Child>,
+    cgroup: Option<cgroups::SandboxCgroup>,
+    dirs: &[PathBuf],
+    ids: &idmap::IdRange,
+    all_dead: bool,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(mut child) = helper {
+        // The helper reaps init and exits on its own once init is dead; give it a moment
+        // (killing it first would leave init a zombie for the host's init to reap). A helper
+        // stuck in setup is killed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut nap = std::time::Duration::from_micros(50);
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.destroy() {
+            errors.push(e.to_string());
+        }
+    }
+    for d in dirs {
+        if let Err(e) = janitor::remove(d) {
+            errors.push(format!("remove {}: {e}", d.display()));
+        }
+    }
+    // A range still used by a process that would not die must not go to a new sandbox: keep
+    // it taken (its slot file names the sandbox) and say so.
+    if !all_dead {
+        errors.push(format!(
+            "uid range {} stays reserved: processes of the sandbox survived the kill",
+            ids.slot
+        ));
+    } else if let Err(e) = ids.release() {
+        errors.push(format!("release uid range {}: {e}", ids.slot));
+    }
+    errors
 }
 
 /// A process started in a sandbox.
@@ -842,7 +879,9 @@ fn kill_sandbox(
 ) -> Result<(), cgroups::CgroupError> {
     if let Some(fd) = init_pidfd {
         let _ = sys::pidfd_kill(fd, libc::SIGKILL);
-        if cgroup.wait_empty(std::time::Duration::from_millis(500)) {
+        // Init's exit completes only after every other process of its pid namespace is gone,
+        // so its pidfd turning readable means the sandbox is dead; the cgroup is then empty.
+        if wait_readable_for(fd, 2000) && cgroup.wait_empty(std::time::Duration::from_millis(100)) {
             return Ok(());
         }
     }
@@ -851,13 +890,20 @@ fn kill_sandbox(
 
 /// Block until the process behind `pidfd` has exited (a pidfd polls readable then).
 fn wait_readable(pidfd: &OwnedFd) {
+    while !wait_readable_for(pidfd, -1) {}
+}
+
+/// Like [`wait_readable`], for at most `ms` milliseconds (-1: no limit); true if it exited.
+fn wait_readable_for(pidfd: &OwnedFd, ms: i32) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::NONE);
     loop {
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Err(nix::Error::EINTR) => continue,
-            _ => return,
+            Ok(n) => return n > 0,
+            Err(_) => return true,
         }
     }
 }
@@ -900,7 +946,27 @@ fn mkdir(p: &Path, mode: u32) -> Result<(), RuntimeError> {
         Ok(()) => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(err)
+    // The umask may have cleared bits we want (tmp's 1777): only then is a chmod needed.
+    if mode & umask() != 0 {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// This process's umask, read once from /proc (reading it with umask(2) would change it for
+/// an instant under every other thread). Assumed 0o022 if unreadable.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022)
+    })
 }
 
 fn chown_to(p: &Path, id: u32) -> Result<(), RuntimeError> {

@@ -19,6 +19,9 @@ pub fn config() -> RuntimeConfig {
         run_dir: test_root().join("run"),
         init_binary: PathBuf::from(env!("CARGO_BIN_EXE_sbx-init")),
         warm_helpers: 2,
+        // Test processes exit without a final janitor::flush: clean up synchronously (the
+        // background mode has its own test).
+        background_cleanup: false,
     }
 }
 

@@ -1,0 +1,132 @@
+//! Cleanup off the caller's path. Once every process of a sandbox is dead, what is left — reaping
+//! its helper, removing its cgroup, deleting its directories, releasing its uid range — runs on a
+//! background thread, so `destroy` returns as soon as nothing of the sandbox runs any more.
+//! Directories are first renamed into a `trash/` directory on the same filesystem, so their
+//! names are free at once and a crash mid-delete leaves them only there; whatever a crashed
+//! process left in `trash/` is deleted the first time this process uses it.
+//! [`flush`] waits until every job is done and returns their errors.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+type Job = Box<dyn FnOnce() -> Vec<String> + Send>;
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    /// Jobs queued or running.
+    pending: usize,
+    errors: Vec<String>,
+}
+
+struct Queue {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+fn queue() -> &'static Queue {
+    static Q: OnceLock<Queue> = OnceLock::new();
+    Q.get_or_init(|| {
+        let _ = std::thread::Builder::new()
+            .name("sbx-janitor".into())
+            .spawn(work);
+        Queue {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }
+    })
+}
+
+fn work() {
+    let q = queue();
+    loop {
+        let job = {
+            let mut g = q.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(j) = g.jobs.pop_front() {
+                    break j;
+                }
+                g = q.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let errors = job();
+        let mut g = q.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.errors.extend(errors);
+        g.pending -= 1;
+        q.changed.notify_all();
+    }
+}
+
+/// Run `job` on the janitor thread; its errors are collected for [`flush`].
+pub fn submit(job: impl FnOnce() -> Vec<String> + Send + 'static) {
+    let q = queue();
+    let mut g = q.state.lock().unwrap_or_else(|p| p.into_inner());
+    g.jobs.push_back(Box::new(job));
+    g.pending += 1;
+    q.changed.notify_all();
+}
+
+/// Wait until every submitted job is done; returns the errors they reported since the last
+/// flush. Call it before the process exits.
+pub fn flush() -> Vec<String> {
+    let q = queue();
+    let mut g = q.state.lock().unwrap_or_else(|p| p.into_inner());
+    while g.pending > 0 {
+        g = q.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+    std::mem::take(&mut g.errors)
+}
+
+/// Remove a directory tree; a missing one is fine.
+pub fn remove(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Move `dir` into `<its grandparent>/trash/` and return the new path (the old name is free at
+/// once). Falls back to the original path when it cannot be moved.
+pub fn to_trash(dir: &Path) -> PathBuf {
+    let (Some(root), Some(name)) = (dir.parent().and_then(Path::parent), dir.file_name()) else {
+        return dir.to_path_buf();
+    };
+    let trash = root.join("trash");
+    if std::fs::create_dir_all(&trash).is_err() {
+        return dir.to_path_buf();
+    }
+    sweep_once(&trash);
+    let target = trash.join(name);
+    match std::fs::rename(dir, &target) {
+        Ok(()) => target,
+        Err(_) => dir.to_path_buf(),
+    }
+}
+
+/// Delete what a crashed process left in `trash`, once per trash dir and process.
+fn sweep_once(trash: &Path) {
+    static SWEPT: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+    let mut swept = SWEPT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if swept.iter().any(|t| t == trash) {
+        return;
+    }
+    swept.push(trash.to_path_buf());
+    let left: Vec<PathBuf> = std::fs::read_dir(trash)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if !left.is_empty() {
+        submit(move || {
+            left.iter()
+                .filter_map(|p| {
+                    remove(p)
+                        .err()
+                        .map(|e| format!("remove {}: {e}", p.display()))
+                })
+                .collect()
+        });
+    }
+}
