@@ -366,7 +366,6 @@ impl Sandbox {
             cgroup_procs,
             control_socket: control_socket.clone(),
             seccomp,
-            limits: spec.limits.clone(),
         };
 
         let log = cfg.run_dir.join("helper.log");

@@ -3,7 +3,6 @@
 //!
 //! One datagram is one message, so there is no framing to get wrong.
 
-use super::cgroups::Limits;
 use super::seccomp::CompiledSeccomp;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{IoSlice, IoSliceMut};
@@ -155,7 +154,6 @@ pub struct HelperConfig {
     /// Where init's control socket is bound (host path, 0600, root only).
     pub control_socket: PathBuf,
     pub seccomp: Option<CompiledSeccomp>,
-    pub limits: Limits,
 }
 
 /// How the helper assembles the sandbox root: an overlay of read-only lowers and a writable upper,
