@@ -516,3 +516,30 @@ fn resource_limits_apply_inside() {
     .unwrap();
     assert_eq!(limit.trim(), (1u64 << 30).to_string());
 }
+
+#[test]
+fn image_symlinks_cannot_redirect_the_kernel_mounts() {
+    // A rootfs whose /proc, /dev and /sys are symlinks to host paths: they must not be
+    // followed; the sandbox gets real mount points and its own kernel filesystems.
+    let root = support::test_root().join(format!("evil-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let st = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(busybox_rootfs())
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for (name, target) in [("proc", "/tmp"), ("dev", "/etc"), ("sys", "/root")] {
+        std::fs::remove_dir(root.join(name)).unwrap();
+        std::os::unix::fs::symlink(target, root.join(name)).unwrap();
+    }
+    let sb = spawn(ImageRef::Dir(root.clone()));
+    assert_eq!(sh_ok(&sb, "cat /proc/1/comm").trim(), "sbx:[init]");
+    assert_eq!(sh_ok(&sb, "ls /dev/null").trim(), "/dev/null");
+    let mounts = sh_ok(&sb, "cat /proc/mounts");
+    assert!(mounts.contains(" /proc proc "), "{mounts}");
+    assert!(mounts.contains(" /sys sysfs "), "{mounts}");
+    sb.destroy().unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+}

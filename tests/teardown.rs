@@ -7,7 +7,8 @@ use sbx::runtime::{ExecSpec, ImageRef, Sandbox, SandboxSpec, Stdio, WaitStatus};
 use support::*;
 
 fn assert_gone(id: &str) {
-    // destroy() returns once nothing of the sandbox runs; the janitor finishes the rest.
+    // With background cleanup, destroy() returns once nothing of the sandbox runs and the
+    // janitor finishes the rest: wait for it (a no-op when cleanup was synchronous).
     let errors = sbx::runtime::janitor::flush();
     assert!(errors.is_empty(), "background teardown failed: {errors:?}");
     assert!(
@@ -181,7 +182,7 @@ fn many_sandboxes_leak_nothing() {
     let n: usize = std::env::var("SBX_LEAK_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(1000);
     let image = ImageRef::Dir(busybox_rootfs());
     let round = |i: usize| {
         let sb = spawn(image.clone());
@@ -288,12 +289,16 @@ fn oom_is_attributed_to_the_end_it_caused() {
         },
         ..Default::default()
     });
+    let mut sleeper = sb.exec(ExecSpec::new(["sleep", "100"])).unwrap();
     let p = sb
         .exec(ExecSpec::new(["python3", "-c", "x = b'a' * (512 << 20)"]))
         .unwrap();
     assert!(p.output().unwrap().0.oom);
     sb.kill().unwrap();
     let e = sb.wait().unwrap();
+    assert_eq!((e.code(), e.oom), (137, false));
+    // The sleeper died of our kill, not of the OOM killer that struck its neighbour.
+    let e = sleeper.wait().unwrap();
     assert_eq!((e.code(), e.oom), (137, false));
 }
 

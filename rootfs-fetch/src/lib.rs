@@ -84,6 +84,7 @@ pub const UPPER_DIRS: &[(&str, u32)] = &[
     ("home", 0o755),
     ("var", 0o755),
     ("var/tmp", 0o1777),
+    ("run", 0o755),
 ];
 
 /// Mount points a sandbox needs; created in its upper layer when the image has none.
@@ -154,7 +155,7 @@ networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n"
 /// of the host files it copies, so a host upgrade (a new ld.so.cache) yields a fresh one.
 fn host_image(state_dir: &Path, host_root: &Path) -> Result<Resolved, ImageError> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    "skeleton-v2".hash(&mut hasher);
+    "skeleton-v3".hash(&mut hasher);
     for name in HOST_ETC {
         let p = host_root.join("etc").join(name);
         if let Ok(m) = fs::symlink_metadata(&p) {
@@ -238,7 +239,7 @@ fn build_skeleton(
     for rel in MOUNT_POINTS {
         mkdir(rel, 0o555)?;
     }
-    for rel in ["etc", "usr", "mnt", "opt", "srv", "media", "run"] {
+    for rel in ["etc", "usr", "mnt", "opt", "srv", "media"] {
         mkdir(rel, 0o755)?;
     }
     for b in binds {

@@ -167,6 +167,12 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
         unshare(CloneFlags::CLONE_NEWCGROUP),
     )?;
     let root = Path::new(".");
+    // The image decides what proc, dev and sys are in the rootfs: mount only onto real
+    // directories, never through a symlink an image planted there (it would resolve against
+    // the host's root before pivot_root; GHSA-fh74-hm69-rqjw).
+    for dir in ["proc", "dev", "sys"] {
+        require_real_dir(root, dir)?;
+    }
     // 8. Kernel filesystems under the new root, before pivot_root: in a user namespace a new
     //    procfs/sysfs is allowed only while a full one is still visible. /proc is mounted by us,
     //    pid 1 of the new pid namespace, so it shows only the sandbox's processes.
@@ -249,6 +255,20 @@ fn owned(fd: RawFd) -> OwnedFd {
     use std::os::fd::FromRawFd;
     // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn require_real_dir(root: &Path, name: &str) -> Result<(), SetupError> {
+    match std::fs::symlink_metadata(root.join(name)) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(SetupError {
+            step: format!("check the mount point /{name}"),
+            error: "the image has something other than a directory there (a symlink?)".into(),
+        }),
+        Err(e) => Err(SetupError {
+            step: format!("check the mount point /{name}"),
+            error: e.to_string(),
+        }),
+    }
 }
 
 fn mount_proc(root: &Path) -> Result<(), SetupError> {
@@ -845,7 +865,7 @@ fn exec_child(
     }
     // Nothing of init's leaks into the payload (its listener, other connections).
     try_step!("mark descriptors close-on-exec", sys::cloexec_from(3));
-    // no_new_privs and the seccomp filter are inherited from init (setup step 16).
+    // no_new_privs and the seccomp filter are inherited from init (setup step 17).
     match nix::unistd::execve(program, argv, env) {
         Err(e) => ("execve", e),
         Ok(never) => match never {},

@@ -41,6 +41,7 @@ pub struct RuntimeConfig {
     /// The `sbx-init` binary (helper and init).
     pub init_binary: PathBuf,
     /// Helpers exec'd ahead of time and kept idle, so a spawn skips that step; 0 disables.
+    /// The first spawn for a given `init_binary` and `run_dir` fixes the pool's size.
     pub warm_helpers: usize,
     /// Let `destroy` return as soon as every process of the sandbox is dead, and finish the
     /// rest (reap the helper, remove the cgroup and directories, release the uid range) on a
@@ -235,7 +236,8 @@ struct Inner {
     waiter: Mutex<()>,
     /// How the entrypoint ended, as its [`Process::wait`] saw it (exact OOM attribution).
     entrypoint_exit: Mutex<Option<Exit>>,
-    /// Set once kill() was asked: a 137 after it is our kill, not the OOM killer.
+    /// Set once kill() or signal(SIGKILL) was asked: a SIGKILL after it is ours, not the OOM
+    /// killer's, for the sandbox's end and for every process it ends.
     killed: std::sync::atomic::AtomicBool,
     entrypoint: Mutex<Option<Process>>,
 }
@@ -334,7 +336,14 @@ impl Sandbox {
         }
         // Mount points the image lacks (a bare rootfs directory may have no /proc).
         for rel in rootfs_fetch::MOUNT_POINTS {
-            if !image.lowers.iter().any(|l| l.join(rel).is_dir()) {
+            // symlink_metadata: an image's symlink named proc must not count (it would be
+            // followed on the host); a real directory in the upper hides it.
+            let is_dir = |l: &PathBuf| {
+                std::fs::symlink_metadata(l.join(rel))
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false)
+            };
+            if !image.lowers.iter().any(is_dir) {
                 mkdir(&upper.join(rel), 0o755)?;
             }
         }
@@ -581,6 +590,11 @@ impl Sandbox {
     /// Send `sig` to the sandbox's init, which forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1
     /// and SIGUSR2 to every process it started (a polite stop); SIGKILL ends the sandbox.
     pub fn signal(&self, sig: i32) -> Result<(), RuntimeError> {
+        if sig == libc::SIGKILL {
+            self.inner
+                .killed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         match &self.inner.init_pidfd {
             Some(fd) => match sys::pidfd_kill(fd, sig) {
                 Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
@@ -634,14 +648,15 @@ impl Sandbox {
     /// entrypoint's own report when it was waited for, else a 137 that no kill() of ours
     /// explains in a cgroup where the OOM killer struck.
     fn ended_by_oom(&self, status: WaitStatus) -> bool {
+        if self.inner.killed.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
         if let Some(entry) = *lock(&self.inner.entrypoint_exit) {
             if entry.status.exit_code() == status.exit_code() {
                 return entry.oom;
             }
         }
-        status.exit_code() == 128 + libc::SIGKILL
-            && !self.inner.killed.load(std::sync::atomic::Ordering::SeqCst)
-            && self.oom_kills() > 0
+        status.exit_code() == 128 + libc::SIGKILL && self.oom_kills() > 0
     }
 
     /// Kill everything, wait for it, unmount (the mounts live only in the sandbox's namespaces),
@@ -831,7 +846,13 @@ impl Process {
             // Init is gone, so the whole pid namespace was killed.
             _ => WaitStatus::Signal(libc::SIGKILL),
         };
+        // A SIGKILL while the OOM killer struck in the cgroup, unless we killed the sandbox
+        // ourselves (then another process's OOM kill must not be blamed for this one).
         let oom = status == WaitStatus::Signal(libc::SIGKILL)
+            && !self
+                .sandbox
+                .killed
+                .load(std::sync::atomic::Ordering::SeqCst)
             && lock(&self.sandbox.cgroup)
                 .as_ref()
                 .map(|c| c.oom_kills() > self.oom_base)
