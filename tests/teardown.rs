@@ -345,3 +345,72 @@ fn background_cleanup_finishes_after_destroy_returns() {
         }
     }
 }
+
+#[test]
+fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
+    // `sbx run` spawns a sandbox and is SIGKILLed: the sandbox keeps running; another process
+    // adopts it by id, execs in it, sees its end, and tears it down completely.
+    let dirs = test_root().join("adopt");
+    let cfg = sbx::runtime::RuntimeConfig {
+        state_dir: dirs.join("state"),
+        run_dir: dirs.join("run"),
+        ..config()
+    };
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sbx"))
+        .arg("--state-dir")
+        .arg(&cfg.state_dir)
+        .arg("--run-dir")
+        .arg(&cfg.run_dir)
+        .args(["run", "--image"])
+        .arg(format!("dir:{}", busybox_rootfs().display()))
+        .args(["--", "sh", "-c", "echo up > /tmp/up; sleep 1000"])
+        .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let id = loop {
+        let ids = Sandbox::list(&cfg);
+        if let Some(id) = ids.first() {
+            if cfg
+                .run_dir
+                .join("sandboxes")
+                .join(id)
+                .join("state.json")
+                .exists()
+            {
+                break id.clone();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no sandbox appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+
+    let sb = Sandbox::adopt(&cfg, &id).unwrap();
+    // The entrypoint may need a moment to write its file.
+    let mut up = String::new();
+    for _ in 0..100 {
+        up = sh(&sb, "cat /tmp/up 2>/dev/null").1;
+        if !up.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(up, "up\n");
+    sb.kill().unwrap();
+    assert_eq!(sb.wait().unwrap().code(), 137);
+    sb.destroy().unwrap();
+    assert!(host_mounts_with(&id).is_empty());
+    assert!(cgroup_dirs(&id).is_empty(), "{:?}", cgroup_dirs(&id));
+    assert!(!cfg.run_dir.join("sandboxes").join(&id).exists());
+    assert!(!cfg.state_dir.join("sandboxes").join(&id).exists());
+    assert_eq!(
+        std::fs::read_dir(cfg.run_dir.join("uids")).unwrap().count(),
+        0
+    );
+    // Adopting what is gone is a clear error.
+    let e = Sandbox::adopt(&cfg, &id).err().unwrap().to_string();
+    assert!(e.contains("state.json"), "{e}");
+}

@@ -175,7 +175,13 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
         },
         &[],
     )?;
-    Ok(wait_for(child))
+    let status = wait_for(child);
+    // The exit status outlives us and whoever spawned the sandbox: a process that re-adopts it
+    // (Sandbox::adopt) reads it here.
+    if let Some(dir) = cfg.control_socket.parent() {
+        let _ = proto::write_atomic(&dir.join(proto::EXIT_FILE), &status);
+    }
+    Ok(status)
 }
 
 fn wait_for(child: Pid) -> WaitStatus {

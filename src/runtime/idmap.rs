@@ -78,6 +78,16 @@ impl IdRange {
         Err(IdMapError::Exhausted)
     }
 
+    /// The range a sandbox already holds (re-adoption): slot file `<run_dir>/uids/<slot>`.
+    pub fn adopt(run_dir: &Path, slot: u32, base: u32, count: u32) -> IdRange {
+        IdRange {
+            slot,
+            base,
+            count,
+            file: run_dir.join("uids").join(slot.to_string()),
+        }
+    }
+
     /// Give the range back. Only after every process of the sandbox is gone.
     pub fn release(&self) -> std::io::Result<()> {
         match std::fs::remove_file(&self.file) {

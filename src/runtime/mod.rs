@@ -229,8 +229,9 @@ struct Inner {
     background_cleanup: bool,
     cgroup: Mutex<Option<cgroups::SandboxCgroup>>,
     helper: Mutex<Option<Child>>,
-    /// The helper's end of the control pair: it reports init's exit here.
-    control: OwnedFd,
+    /// The helper's end of the control pair: it reports init's exit here. None for an
+    /// adopted sandbox (its helper reports to whoever spawned it, and to `exit.json`).
+    control: Option<OwnedFd>,
     exit: Mutex<Option<Exit>>,
     /// Held by the thread blocked in [`Sandbox::wait`].
     waiter: Mutex<()>,
@@ -391,24 +392,41 @@ impl Sandbox {
 
         proto::send(ours.as_raw_fd(), "helper config", &config, &[])?;
         match proto::expect::<HelperEvent>(ours.as_raw_fd(), "helper ready")?.0 {
-            HelperEvent::Ready { pid } => Ok(Inner {
-                id: id.to_string(),
-                init_pid: pid,
-                init_pidfd: open_init_pidfd(pid, id),
-                control_socket,
-                run_dir,
-                sandbox_state,
-                ids: ids.clone(),
-                background_cleanup: cfg.background_cleanup,
-                cgroup: Mutex::new(cleanup.cgroup.take()),
-                helper: Mutex::new(cleanup.helper.take()),
-                control: ours,
-                exit: Mutex::new(None),
-                waiter: Mutex::new(()),
-                entrypoint_exit: Mutex::new(None),
-                killed: std::sync::atomic::AtomicBool::new(false),
-                entrypoint: Mutex::new(None),
-            }),
+            HelperEvent::Ready { pid } => {
+                let record = proto::SandboxRecord {
+                    id: id.to_string(),
+                    init_pid: pid,
+                    init_start_time: proto::start_time(pid).unwrap_or(0),
+                    id_slot: ids.slot,
+                    id_base: ids.base,
+                    id_count: ids.count,
+                    state_dir: cfg.state_dir.clone(),
+                };
+                let record_path = run_dir.join(proto::STATE_FILE);
+                proto::write_atomic(&record_path, &record).map_err(|source| RuntimeError::Io {
+                    step: "write the sandbox record",
+                    path: record_path,
+                    source,
+                })?;
+                Ok(Inner {
+                    id: id.to_string(),
+                    init_pid: pid,
+                    init_pidfd: open_init_pidfd(pid, id),
+                    control_socket,
+                    run_dir,
+                    sandbox_state,
+                    ids: ids.clone(),
+                    background_cleanup: cfg.background_cleanup,
+                    cgroup: Mutex::new(cleanup.cgroup.take()),
+                    helper: Mutex::new(cleanup.helper.take()),
+                    control: Some(ours),
+                    exit: Mutex::new(None),
+                    waiter: Mutex::new(()),
+                    entrypoint_exit: Mutex::new(None),
+                    killed: std::sync::atomic::AtomicBool::new(false),
+                    entrypoint: Mutex::new(None),
+                })
+            }
             HelperEvent::Failed { step, error } => Err(RuntimeError::Setup { step, error }),
             HelperEvent::Exited { status } => Err(RuntimeError::Setup {
                 step: "start init".into(),
@@ -419,6 +437,80 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The helper's host pid, when it is our child.
+    fn helper_pid(&self) -> Option<i32> {
+        lock(&self.inner.helper).as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Ids of the sandboxes whose runtime directories exist under `cfg.run_dir` (running, or
+    /// left behind by a process that died before tearing them down).
+    pub fn list(cfg: &RuntimeConfig) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(cfg.run_dir.join("sandboxes"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Take over a sandbox another process spawned (after that process died, or to tear down
+    /// what it left behind): exec, wait, kill and destroy work as for one we spawned. Its exit
+    /// status comes from the record the helper leaves when init exits.
+    pub fn adopt(cfg: &RuntimeConfig, id: &str) -> Result<Sandbox, RuntimeError> {
+        let id = validate_id(id.to_string())?;
+        let run_dir = cfg.run_dir.join("sandboxes").join(&id);
+        let record_path = run_dir.join(proto::STATE_FILE);
+        let record: proto::SandboxRecord =
+            proto::read_record(&record_path).map_err(|source| RuntimeError::Io {
+                step: "read the sandbox record",
+                path: record_path.clone(),
+                source,
+            })?;
+        // Init counts only if it is the very process recorded (same pid, same start time).
+        let alive = proto::start_time(record.init_pid) == Some(record.init_start_time);
+        let init_pidfd = if alive {
+            open_init_pidfd(record.init_pid, &id)
+        } else {
+            None
+        };
+        let cgroup = cgroups::SandboxCgroup::load(&format!("sbx/{id}")).ok();
+        let exit = if alive {
+            None
+        } else {
+            let status = proto::read_record::<WaitStatus>(&run_dir.join(proto::EXIT_FILE))
+                .unwrap_or(WaitStatus::Signal(libc::SIGKILL));
+            Some(Exit { status, oom: false })
+        };
+        Ok(Sandbox {
+            inner: Arc::new(Inner {
+                id: id.clone(),
+                init_pid: record.init_pid,
+                init_pidfd,
+                control_socket: run_dir.join("init.sock"),
+                sandbox_state: record.state_dir.join("sandboxes").join(&id),
+                run_dir,
+                ids: idmap::IdRange::adopt(
+                    &cfg.run_dir,
+                    record.id_slot,
+                    record.id_base,
+                    record.id_count,
+                ),
+                background_cleanup: cfg.background_cleanup,
+                cgroup: Mutex::new(cgroup),
+                helper: Mutex::new(None),
+                control: None,
+                exit: Mutex::new(exit),
+                waiter: Mutex::new(()),
+                entrypoint_exit: Mutex::new(None),
+                killed: std::sync::atomic::AtomicBool::new(false),
+                entrypoint: Mutex::new(None),
+            }),
+        })
     }
 
     /// Init's pid on the host.
@@ -626,16 +718,36 @@ impl Sandbox {
         if let Some(e) = *lock(&self.inner.exit) {
             return Ok(e);
         }
-        let status = match proto::recv::<HelperEvent>(self.inner.control.as_raw_fd(), "init exit")?
-        {
-            Some((HelperEvent::Exited { status }, _)) => status,
-            // The helper died (killed by someone): init does not depend on it and may still be
-            // serving. Wait for init itself; its status died with the helper, so report a kill.
-            _ => {
+        let reported = match &self.inner.control {
+            Some(c) => match proto::recv::<HelperEvent>(c.as_raw_fd(), "init exit")? {
+                Some((HelperEvent::Exited { status }, _)) => Some(status),
+                _ => None,
+            },
+            None => None,
+        };
+        let status = match reported {
+            Some(s) => s,
+            // Adopted, or the helper died (killed by someone): init does not depend on it and
+            // may still be serving. Wait for init itself, then read the status the helper
+            // recorded; if the helper died first, the status died with it: report a kill.
+            None => {
                 if let Some(fd) = &self.inner.init_pidfd {
                     wait_readable(fd);
                 }
-                WaitStatus::Signal(libc::SIGKILL)
+                let exit_file = self.inner.run_dir.join(proto::EXIT_FILE);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+                loop {
+                    if let Ok(s) = proto::read_record::<WaitStatus>(&exit_file) {
+                        break s;
+                    }
+                    let helper_alive = self.helper_pid().is_some_and(|p| {
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+                    });
+                    if !helper_alive || std::time::Instant::now() > deadline {
+                        break WaitStatus::Signal(libc::SIGKILL);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
             }
         };
         let oom = self.ended_by_oom(status);
@@ -674,7 +786,7 @@ impl Inner {
         cleanup.helper = lock(&self.helper).take();
         cleanup.dirs = vec![self.run_dir.clone(), self.sandbox_state.clone()];
         cleanup.background = self.background_cleanup;
-        if cleanup.cgroup.is_none() && cleanup.helper.is_none() {
+        if cleanup.cgroup.is_none() && cleanup.helper.is_none() && !self.run_dir.exists() {
             return Ok(()); // already torn down
         }
         cleanup.run()

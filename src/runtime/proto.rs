@@ -278,6 +278,52 @@ pub enum ExecEvent {
     },
 }
 
+/// File (in a sandbox's run directory) holding its [`SandboxRecord`].
+pub const STATE_FILE: &str = "state.json";
+/// File (in a sandbox's run directory) holding init's [`WaitStatus`] once it exited.
+pub const EXIT_FILE: &str = "exit.json";
+
+/// What another process needs to re-adopt a running sandbox: written when the sandbox is up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub init_pid: i32,
+    /// Init's start time (field 22 of /proc/PID/stat): tells a recycled pid apart.
+    pub init_start_time: u64,
+    pub id_slot: u32,
+    pub id_base: u32,
+    pub id_count: u32,
+    pub state_dir: PathBuf,
+}
+
+/// Write `value` as JSON to `path` atomically (a temporary file, then rename).
+pub fn write_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(value).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Read a JSON record written by [`write_atomic`].
+pub fn read_record<T: DeserializeOwned>(path: &std::path::Path) -> std::io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+/// A process's start time (field 22 of /proc/PID/stat), or None if it is gone.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Convenience: the raw fd of an optional owned fd.
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
