@@ -543,3 +543,57 @@ fn image_symlinks_cannot_redirect_the_kernel_mounts() {
     sb.destroy().unwrap();
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Count how many of `n` attempts of a python expression succeed inside the sandbox, holding
+/// every success open until the count is printed.
+fn python_count(sb: &sbx::runtime::Sandbox, setup: &str, expr: &str, n: usize) -> usize {
+    let script = format!(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n{setup}\nheld = []\nfor _ in range({n}):\n    try:\n        r = {expr}\n    except OSError:\n        break\n    if isinstance(r, int) and r < 0:\n        break\n    held.append(r)\nprint(len(held))\n"
+    );
+    sh_ok(
+        sb,
+        &format!("python3 -c '{}'", script.replace('\'', "'\\''")),
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn per_user_kernel_quotas_are_per_sandbox() {
+    // inotify instances are counted per owner of the user namespace at the host level: a
+    // sandbox that takes all it may must not take root's or another sandbox's.
+    let a = spawn(ImageRef::Host);
+    let b = spawn(ImageRef::Host);
+    let script = "import ctypes, os, time\nlibc = ctypes.CDLL(None)\nheld = [libc.inotify_init1(0) for _ in range(400)]\nprint(sum(1 for f in held if f >= 0), flush=True)\ntime.sleep(30)\n";
+    let mut spec = ExecSpec::new(["python3", "-c", script]);
+    spec.stderr = Stdio::Null;
+    let mut hog = a.exec(spec).unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(hog.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let took: usize = line.trim().parse().unwrap();
+    assert!(took >= 1 && took <= max, "sandbox A took {took} of {max}");
+    // Root on the host and sandbox B still get theirs while A holds all of its own.
+    let host = nix::sys::inotify::Inotify::init(nix::sys::inotify::InitFlags::IN_CLOEXEC);
+    assert!(host.is_ok(), "host root lost inotify: {host:?}");
+    let in_b = python_count(&b, "", "libc.inotify_init1(0)", 8);
+    assert_eq!(in_b, 8, "sandbox B lost inotify to A");
+    a.kill().unwrap();
+    let _ = hog.wait();
+}
+
+#[test]
+fn pseudo_terminals_are_capped_per_sandbox() {
+    let sb = spawn(ImageRef::Host);
+    let n = python_count(&sb, "", "os.openpty()", 400);
+    assert!(n <= 256, "a sandbox opened {n} ptys");
+    assert!(n >= 200, "only {n} ptys could be opened");
+}

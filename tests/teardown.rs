@@ -414,3 +414,78 @@ fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
     let e = Sandbox::adopt(&cfg, &id).err().unwrap().to_string();
     assert!(e.contains("state.json"), "{e}");
 }
+
+#[test]
+fn a_taken_id_is_refused_before_anything_of_the_other_sandbox_is_touched() {
+    let victim = test_root().join(format!("victim-{}", std::process::id()));
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let id = format!("sb-taken-{}", std::process::id());
+    let a = spawn_spec(SandboxSpec {
+        id: Some(id.clone()),
+        image: ImageRef::Dir(busybox_rootfs()),
+        ..Default::default()
+    });
+    // Inside A, its /tmp becomes a symlink to a host path (as seen from the upper dir).
+    sh_ok(
+        &a,
+        &format!("rm -rf /tmp && ln -s {} /tmp && echo ok", victim.display()),
+    );
+    let e = Sandbox::spawn(
+        &config(),
+        SandboxSpec {
+            id: Some(id.clone()),
+            image: ImageRef::Dir(busybox_rootfs()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("a second sandbox with a taken id");
+    assert!(e.to_string().contains("is taken"), "{e}");
+    // Nothing of A was touched, nor the host path its symlink points to.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755);
+    assert_eq!(sh_ok(&a, "echo still").trim(), "still");
+    a.destroy().unwrap();
+    std::fs::remove_dir_all(&victim).unwrap();
+}
+
+#[test]
+fn an_exit_reaches_only_its_own_exec() {
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    // A's client goes away; A exits while B, on a new connection, still runs.
+    drop(
+        sb.exec(ExecSpec::new(["sh", "-c", "sleep 0.5; exit 42"]))
+            .unwrap(),
+    );
+    let mut b = sb
+        .exec(ExecSpec::new(["sh", "-c", "sleep 1.5; exit 7"]))
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(b.wait().unwrap().code(), 7);
+    assert!(t.elapsed() >= std::time::Duration::from_millis(1200));
+}
+
+#[test]
+fn a_sandbox_that_starves_init_gets_errors_not_hangs() {
+    let sb = spawn(ImageRef::Host);
+    // Sandbox root lowers init's descriptor limit (allowed: same uid).
+    sh_ok(&sb, "prlimit --pid 1 --nofile=6:6 && echo done");
+    let t = std::time::Instant::now();
+    let mut errors = 0;
+    for _ in 0..5 {
+        if sb.exec(ExecSpec::new(["true"])).is_err() {
+            errors += 1;
+        }
+    }
+    assert!(errors > 0, "init kept accepting with 6 descriptors");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "exec hung"
+    );
+    // Teardown still works.
+    let id = sb.id().to_string();
+    sb.destroy().unwrap();
+    assert_gone(&id);
+}

@@ -155,7 +155,7 @@ networks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n"
 /// of the host files it copies, so a host upgrade (a new ld.so.cache) yields a fresh one.
 fn host_image(state_dir: &Path, host_root: &Path) -> Result<Resolved, ImageError> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    "skeleton-v3".hash(&mut hasher);
+    "skeleton-v4".hash(&mut hasher);
     for name in HOST_ETC {
         let p = host_root.join("etc").join(name);
         if let Ok(m) = fs::symlink_metadata(&p) {
@@ -265,6 +265,11 @@ fn build_skeleton(
         if fs::symlink_metadata(&src).is_ok() {
             copy_tree(&src, &etc.join(name))?;
         }
+    }
+    // Host private keys never go into an image, readable or not.
+    let private = etc.join("ssl/private");
+    if private.exists() {
+        fs::remove_dir_all(&private).map_err(err(&private))?;
     }
     match fs::rename(&tmp, dir) {
         Ok(()) => Ok(()),

@@ -128,7 +128,19 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC;
-    let child = match sys("clone init", super::sys::clone_fork(flags))? {
+    // The new user namespace is owned by the euid that creates it, and the kernel charges
+    // per-user counts (inotify instances, pending signals, message queues) to that owner at
+    // the host level: create it as the sandbox's own host uid, not as root, so sandboxes never
+    // share — or exhaust — root's quotas. Our saved uid stays 0, so we switch back right after.
+    sys(
+        "take the sandbox's uid to create its user namespace",
+        super::sys::set_effective_ids(cfg.id_base, cfg.id_base),
+    )?;
+    let cloned = super::sys::clone_fork(flags);
+    if matches!(cloned, Ok(Some(_)) | Err(_)) {
+        sys("return to uid 0", super::sys::set_effective_ids(0, 0))?;
+    }
+    let child = match sys("clone init", cloned)? {
         None => {
             drop(parent_sock);
             init::main(&cfg, child_sock, listener)

@@ -78,14 +78,7 @@ pub fn main(cfg: &HelperConfig, sync: OwnedFd, listener: OwnedFd) -> ! {
                 sys::exit_now(1);
             }
             drop(sync);
-            let mut init = Init {
-                listener,
-                devnull,
-                conns: HashMap::new(),
-                procs: HashMap::new(),
-                entrypoint: None,
-            };
-            init.run()
+            Init::new(listener, devnull).run()
         }
         Err(e) => {
             let _ = proto::send(
@@ -324,7 +317,8 @@ fn mount_dev(root: &Path) -> Result<(), SetupError> {
             &pts,
             Some("devpts"),
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            // max: the pty count is host-wide (kernel.pty.max); one sandbox must not take them all.
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5,max=256"),
         ),
     )?;
     let shm = dev.join("shm");
@@ -368,30 +362,12 @@ fn mount_dev(root: &Path) -> Result<(), SetupError> {
 fn mount_sys(root: &Path) -> Result<(), SetupError> {
     let target = root.join("sys");
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    // A fresh sysfs is allowed because we own the network namespace; fall back to a read-only
-    // recursive bind of the host's where a kernel refuses.
-    if mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>).is_ok() {
-        return Ok(());
-    }
+    // A fresh sysfs is allowed because we own the network namespace. No fallback to a bind of
+    // the host's /sys: its submounts (cgroupfs, debugfs, bpffs) would keep their own, writable
+    // flags.
     step(
-        "bind /sys",
-        mount(
-            Some("/sys"),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        ),
-    )?;
-    step(
-        "remount /sys read-only",
-        mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
-            None::<&str>,
-        ),
+        "mount sysfs on /sys",
+        mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>),
     )
 }
 
@@ -500,17 +476,57 @@ fn readonly(path: &str) -> Result<(), SetupError> {
 }
 
 /// The running init: its listener, the open exec connections, and which pid belongs to which.
+///
+/// Nothing here blocks on a process of the sandbox: a start waits for its child's execve on a
+/// pipe that sits in the poll set, so a child stopped before execve (sandbox root has CAP_KILL)
+/// delays only its own exec.
 struct Init {
     listener: OwnedFd,
     devnull: OwnedFd,
-    /// Exec connections by fd; a connection waits for its process's exit.
-    conns: HashMap<RawFd, OwnedFd>,
-    /// Started process pid → its connection fd.
-    procs: HashMap<i32, RawFd>,
+    /// A spare descriptor, given up to accept-and-close a connection when our descriptor table
+    /// is full (sandbox root can lower our RLIMIT_NOFILE): the caller gets an error, not a hang.
+    spare: Option<OwnedFd>,
+    /// Exec connections by a unique id (never by fd number, which accept reuses).
+    conns: HashMap<u64, OwnedFd>,
+    next_conn: u64,
+    /// Started process pid → its connection.
+    procs: HashMap<i32, u64>,
+    /// Forked, execve not yet reported: pid → what to tell the client when it is.
+    pending: HashMap<i32, Pending>,
     entrypoint: Option<i32>,
 }
 
+struct Pending {
+    /// Read end of the child's close-on-exec error pipe: EOF = execve succeeded.
+    err: OwnedFd,
+    conn: u64,
+    master: Option<OwnedFd>,
+    entrypoint: bool,
+    /// The child was reaped before its pipe was read.
+    exited: Option<WaitStatus>,
+}
+
 impl Init {
+    fn new(listener: OwnedFd, devnull: OwnedFd) -> Self {
+        let spare = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()
+        .map(owned);
+        Init {
+            listener,
+            devnull,
+            spare,
+            conns: HashMap::new(),
+            next_conn: 0,
+            procs: HashMap::new(),
+            pending: HashMap::new(),
+            entrypoint: None,
+        }
+    }
+
     fn run(&mut self) -> ! {
         let mut mask = SigSet::empty();
         mask.add(Signal::SIGCHLD);
@@ -526,36 +542,53 @@ impl Init {
             Err(_) => sys::exit_now(1),
         };
         loop {
-            let conn_fds: Vec<RawFd> = self.conns.keys().copied().collect();
-            // SAFETY-free borrows: every fd here is owned by `self` or a local for the poll call.
+            let conn_ids: Vec<u64> = self.conns.keys().copied().collect();
+            let pending_pids: Vec<i32> = self.pending.keys().copied().collect();
             let mut fds = vec![
                 PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
             ];
-            for fd in &conn_fds {
-                fds.push(PollFd::new(self.conns[fd].as_fd(), PollFlags::POLLIN));
+            for pid in &pending_pids {
+                fds.push(PollFd::new(
+                    self.pending[pid].err.as_fd(),
+                    PollFlags::POLLIN,
+                ));
+            }
+            for id in &conn_ids {
+                fds.push(PollFd::new(self.conns[id].as_fd(), PollFlags::POLLIN));
             }
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::Error::EINTR) => continue,
                 Err(_) => sys::exit_now(1),
             }
-            let listen_ready = fds[0].any().unwrap_or(false);
-            let sig_ready = fds[1].any().unwrap_or(false);
-            let closed: Vec<RawFd> = conn_fds
+            let ready = |p: &PollFd| p.any().unwrap_or(false);
+            let listen_ready = ready(&fds[0]);
+            let sig_ready = ready(&fds[1]);
+            let started: Vec<i32> = pending_pids
                 .iter()
                 .zip(&fds[2..])
-                .filter(|(_, p)| p.any().unwrap_or(false))
-                .map(|(fd, _)| *fd)
+                .filter(|(_, p)| ready(p))
+                .map(|(pid, _)| *pid)
+                .collect();
+            let closed: Vec<u64> = conn_ids
+                .iter()
+                .zip(&fds[2 + pending_pids.len()..])
+                .filter(|(_, p)| ready(p))
+                .map(|(id, _)| *id)
                 .collect();
             drop(fds);
+            // Starts first: a child reaped in this round is then already known as started.
+            for pid in started {
+                self.finish_start(pid);
+            }
             if sig_ready {
                 self.on_signals(&sfd);
             }
-            for fd in closed {
+            for id in closed {
                 // The client went away (or sent more than one request): forget the connection;
-                // the process keeps running.
-                self.conns.remove(&fd);
+                // the process keeps running and its exit is reported to nobody.
+                self.conns.remove(&id);
             }
             if listen_ready {
                 self.accept();
@@ -587,34 +620,55 @@ impl Init {
                     let (Some(pid), Some(status)) = (s.pid(), WaitStatus::from_nix(s)) else {
                         continue;
                     };
-                    let pid = pid.as_raw();
-                    if let Some(conn) = self.procs.remove(&pid) {
-                        if let Some(c) = self.conns.remove(&conn) {
-                            let _ = proto::send(
-                                c.as_raw_fd(),
-                                "exited",
-                                &ExecEvent::Exited { status },
-                                &[],
-                            );
-                        }
-                    }
-                    if self.entrypoint == Some(pid) {
-                        // The sandbox ends with its entrypoint; the kernel kills the rest of the
-                        // pid namespace when we exit.
-                        sys::exit_now(status.exit_code());
-                    }
+                    self.exited(pid.as_raw(), status);
                 }
             }
         }
     }
 
+    fn exited(&mut self, pid: i32, status: WaitStatus) {
+        if let Some(p) = self.pending.get_mut(&pid) {
+            // Its pipe is read next round; report then.
+            p.exited = Some(status);
+            return;
+        }
+        if let Some(conn) = self.procs.remove(&pid) {
+            if let Some(c) = self.conns.remove(&conn) {
+                let _ = proto::send(c.as_raw_fd(), "exited", &ExecEvent::Exited { status }, &[]);
+            }
+        }
+        if self.entrypoint == Some(pid) {
+            // The sandbox ends with its entrypoint; the kernel kills the rest of the pid
+            // namespace when we exit.
+            sys::exit_now(status.exit_code());
+        }
+    }
+
     fn accept(&mut self) {
         use nix::sys::socket::{accept4, SockFlag};
-        let Ok(raw) = accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) else {
-            return;
+        let raw = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(raw) => raw,
+            Err(nix::Error::EMFILE) | Err(nix::Error::ENFILE) => {
+                // Shed the connection: with the spare slot free, accept it and close it (the
+                // caller sees the sandbox refuse), instead of spinning on a listener that
+                // stays readable.
+                self.spare = None;
+                if let Ok(raw) = accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                    drop(owned(raw));
+                }
+                self.spare = nix::fcntl::open(
+                    "/dev/null",
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .ok()
+                .map(owned);
+                return;
+            }
+            Err(_) => return,
         };
         let conn = owned(raw);
-        let req = match proto::recv::<ExecRequest>(conn.as_raw_fd(), "exec request") {
+        let (req, fds) = match proto::recv::<ExecRequest>(conn.as_raw_fd(), "exec request") {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
@@ -630,23 +684,21 @@ impl Init {
                 return;
             }
         };
-        let (req, fds) = req;
         match self.start(&req, fds) {
-            Ok((pid, master)) => {
-                let extra: Vec<RawFd> = master.iter().map(|m| m.as_raw_fd()).collect();
-                let _ = proto::send(
-                    conn.as_raw_fd(),
-                    "started",
-                    &ExecEvent::Started { pid: pid.as_raw() },
-                    &extra,
+            Ok((pid, err, master)) => {
+                let id = self.next_conn;
+                self.next_conn += 1;
+                self.conns.insert(id, conn);
+                self.pending.insert(
+                    pid.as_raw(),
+                    Pending {
+                        err,
+                        conn: id,
+                        master,
+                        entrypoint: req.entrypoint,
+                        exited: None,
+                    },
                 );
-                if req.entrypoint && self.entrypoint.is_none() {
-                    self.entrypoint = Some(pid.as_raw());
-                }
-                self.procs.insert(pid.as_raw(), conn.as_raw_fd());
-                self.conns.insert(conn.as_raw_fd(), conn);
-                // It may already have exited before we recorded it.
-                self.reap();
             }
             Err((step, errno)) => {
                 let _ = proto::send(
@@ -659,12 +711,58 @@ impl Init {
         }
     }
 
-    /// Fork and exec one request; returns the pid (and pty master) once execve succeeded.
+    /// The child's error pipe is readable: EOF means execve succeeded (the pipe was
+    /// close-on-exec); otherwise it carries the errno and the failed step.
+    fn finish_start(&mut self, pid: i32) {
+        let Some(p) = self.pending.remove(&pid) else {
+            return;
+        };
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        loop {
+            match nix::unistd::read(p.err.as_raw_fd(), &mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => {
+                    n += k;
+                    if n == buf.len() {
+                        break;
+                    }
+                }
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        let conn = self.conns.get(&p.conn).map(|c| c.as_raw_fd());
+        if n >= 4 {
+            let errno = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            let step = String::from_utf8_lossy(&buf[4..n]).into_owned();
+            if let Some(c) = conn {
+                let _ = proto::send(c, "failed", &ExecEvent::Failed { step, errno }, &[]);
+            }
+            self.conns.remove(&p.conn);
+            // The child exits 127 right after writing; it is reaped like any other.
+            return;
+        }
+        if let Some(c) = conn {
+            let extra: Vec<RawFd> = p.master.iter().map(|m| m.as_raw_fd()).collect();
+            let _ = proto::send(c, "started", &ExecEvent::Started { pid }, &extra);
+        }
+        if p.entrypoint && self.entrypoint.is_none() {
+            self.entrypoint = Some(pid);
+        }
+        self.procs.insert(pid, p.conn);
+        if let Some(status) = p.exited {
+            self.exited(pid, status);
+        }
+    }
+
+    /// Fork one request's child; returns its pid, the read end of its error pipe and the pty
+    /// master. Whether execve worked is learnt from the pipe later ([`Init::finish_start`]).
     fn start(
         &mut self,
         req: &ExecRequest,
         fds: Vec<OwnedFd>,
-    ) -> Result<(Pid, Option<OwnedFd>), (String, i32)> {
+    ) -> Result<(Pid, OwnedFd, Option<OwnedFd>), (String, i32)> {
         let fail = |s: &str, e: nix::Error| (s.to_string(), e as i32);
         if req.argv.is_empty() {
             return Err(("parse argv: empty".into(), libc::EINVAL));
@@ -731,29 +829,7 @@ impl Init {
             Some(pid) => {
                 drop(err_w);
                 drop(fds);
-                // EOF means execve succeeded (the pipe was close-on-exec); else errno + step.
-                let mut buf = [0u8; 512];
-                let mut n = 0;
-                loop {
-                    match nix::unistd::read(err_r.as_raw_fd(), &mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => {
-                            n += k;
-                            if n == buf.len() {
-                                break;
-                            }
-                        }
-                        Err(nix::Error::EINTR) => continue,
-                        Err(_) => break,
-                    }
-                }
-                if n >= 4 {
-                    let errno = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                    let what = String::from_utf8_lossy(&buf[4..n]).into_owned();
-                    let _ = waitpid(pid, None);
-                    return Err((what, errno));
-                }
-                Ok((pid, pty.map(|p| p.0)))
+                Ok((pid, err_r, pty.map(|p| p.0)))
             }
         }
     }

@@ -203,6 +203,8 @@ pub enum RuntimeError {
     },
     #[error("sandbox {0} has finished")]
     Finished(String),
+    #[error("sandbox id {id:?} is taken ({path} exists)")]
+    AlreadyExists { id: String, path: PathBuf },
     #[error("{run}; and cleanup also failed: {cleanup}")]
     WithCleanup {
         run: Box<RuntimeError>,
@@ -241,6 +243,19 @@ struct Inner {
     /// killer's, for the sandbox's end and for every process it ends.
     killed: std::sync::atomic::AtomicBool,
     entrypoint: Mutex<Option<Process>>,
+}
+
+/// How long exec() waits for init to report that the process started.
+const EXEC_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn set_recv_timeout(conn: &OwnedFd, t: Option<std::time::Duration>) -> Result<(), RuntimeError> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    use nix::sys::time::{TimeVal, TimeValLike};
+    let tv = TimeVal::milliseconds(t.map(|d| d.as_millis() as i64).unwrap_or(0));
+    setsockopt(conn, ReceiveTimeout, &tv).map_err(|source| RuntimeError::Sys {
+        step: "set the exec connection's receive timeout",
+        source,
+    })
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -314,15 +329,22 @@ impl Sandbox {
         cleanup: &mut Cleanup,
     ) -> Result<Inner, RuntimeError> {
         // Runtime dir (sockets, mount point): root only.
+        // The id is taken by creating its directories (not "create if missing"): a second spawn
+        // with a live or leftover id must fail before it touches anything of the other's — its
+        // upper holds whatever that sandbox's root planted there (symlinks included).
+        // 0711: init, which starts as the sandbox's owner uid, must traverse to the rootfs
+        // mount point; nothing in here is readable by others (the socket and records are 0600).
         let run_dir = cfg.run_dir.join("sandboxes").join(id);
+        mkdir_exact(&cfg.run_dir.join("sandboxes"), 0o711)?;
+        reserve_dir(&run_dir, id, 0o711)?;
         cleanup.dirs.push(run_dir.clone());
-        mkdir(&run_dir, 0o700)?;
         let merged = run_dir.join("rootfs");
         mkdir(&merged, 0o755)?;
         // Writable layer: the upper and overlay's work dir, on the same filesystem.
         let sandbox_state = cfg.state_dir.join("sandboxes").join(id);
+        mkdir(&cfg.state_dir.join("sandboxes"), 0o700)?;
+        reserve_dir(&sandbox_state, id, 0o700)?;
         cleanup.dirs.push(sandbox_state.clone());
-        mkdir(&sandbox_state, 0o700)?;
         let upper = sandbox_state.join("upper");
         let work = sandbox_state.join("work");
         mkdir(&upper, 0o755)?;
@@ -437,6 +459,14 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// Whether init is still running (its pidfd is not readable yet).
+    fn init_alive(&self) -> bool {
+        self.inner
+            .init_pidfd
+            .as_ref()
+            .is_some_and(|fd| !wait_readable_for(fd, 0))
     }
 
     /// The helper's host pid, when it is our child.
@@ -639,10 +669,31 @@ impl Sandbox {
         let raw: Vec<RawFd> = send.iter().map(|f| f.as_raw_fd()).collect();
         proto::send(conn.as_raw_fd(), "exec request", &req, &raw)?;
         drop(send);
-        let (ev, mut fds) = match proto::recv::<ExecEvent>(conn.as_raw_fd(), "exec started")? {
-            Some(x) => x,
-            None => return Err(RuntimeError::Finished(self.inner.id.clone())),
+        // A start normally takes about a millisecond. Code in the sandbox can stall it (stop
+        // the child before execve, starve init of descriptors): never wait forever.
+        set_recv_timeout(&conn, Some(EXEC_START_TIMEOUT))?;
+        let received = proto::recv::<ExecEvent>(conn.as_raw_fd(), "exec started");
+        let (ev, mut fds) = match received {
+            Ok(Some(x)) => x,
+            Ok(None) if self.init_alive() => {
+                return Err(RuntimeError::Exec {
+                    argv0,
+                    step: "be accepted by init (it closed the connection: out of descriptors?)"
+                        .into(),
+                    errno: libc::ECONNRESET,
+                })
+            }
+            Ok(None) => return Err(RuntimeError::Finished(self.inner.id.clone())),
+            Err(proto::ProtoError::Recv(nix::Error::EAGAIN)) => {
+                return Err(RuntimeError::Exec {
+                    argv0,
+                    step: format!("start within {} s", EXEC_START_TIMEOUT.as_secs()),
+                    errno: libc::ETIMEDOUT,
+                })
+            }
+            Err(e) => return Err(e.into()),
         };
+        set_recv_timeout(&conn, None)?;
         match ev {
             ExecEvent::Started { pid } => {
                 let [stdin, stdout, stderr] = keep;
@@ -1045,7 +1096,11 @@ fn wait_readable_for(pidfd: &OwnedFd, ms: i32) -> bool {
 fn open_init_pidfd(pid: i32, id: &str) -> Option<OwnedFd> {
     let fd = sys::pidfd_open(pid).ok()?;
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    cg.contains(&format!("/sbx/{id}")).then_some(fd)
+    // Lines are `hierarchy:controllers:path`; the path must be exactly ours (not a prefix).
+    let ours = format!("/sbx/{id}");
+    cg.lines()
+        .any(|l| l.rsplit(':').next() == Some(ours.as_str()))
+        .then_some(fd)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1099,6 +1154,37 @@ fn umask() -> u32 {
             })
             .unwrap_or(0o022)
     })
+}
+
+/// [`mkdir`], and the mode set even when the directory already existed (older versions made
+/// it 0700).
+fn mkdir_exact(p: &Path, mode: u32) -> Result<(), RuntimeError> {
+    mkdir(p, mode)?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        RuntimeError::Io {
+            step: "chmod",
+            path: p.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Create `p` (one level, never reusing an existing one): the atomic claim of a sandbox id.
+fn reserve_dir(p: &Path, id: &str, mode: u32) -> Result<(), RuntimeError> {
+    match std::fs::DirBuilder::new().mode(mode).create(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(RuntimeError::AlreadyExists {
+                id: id.to_string(),
+                path: p.to_path_buf(),
+            })
+        }
+        Err(source) => Err(RuntimeError::Io {
+            step: "create directory",
+            path: p.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn chown_to(p: &Path, id: u32) -> Result<(), RuntimeError> {

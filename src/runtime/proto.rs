@@ -299,11 +299,17 @@ pub struct SandboxRecord {
 
 /// Write `value` as JSON to `path` atomically (a temporary file, then rename).
 pub fn write_atomic<T: Serialize>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(value).map_err(std::io::Error::other)?,
-    )?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 

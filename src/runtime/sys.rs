@@ -175,6 +175,24 @@ pub fn set_ids(uid: u32, gid: u32) -> nix::Result<()> {
     nix::errno::Errno::result(r).map(drop)
 }
 
+/// Set only the effective uid and gid (real and saved stay), per thread: gid first, and back
+/// to 0 uid first. With a saved uid of 0 the switch back needs no capability.
+pub fn set_effective_ids(uid: u32, gid: u32) -> nix::Result<()> {
+    const KEEP: libc::c_long = -1;
+    let set = |nr: libc::c_long, id: u32| {
+        // SAFETY: plain integer arguments.
+        let r = unsafe { libc::syscall(nr, KEEP, id as libc::c_long, KEEP) };
+        nix::errno::Errno::result(r).map(drop)
+    };
+    if uid == 0 {
+        set(libc::SYS_setresuid, uid)?;
+        set(libc::SYS_setresgid, gid)
+    } else {
+        set(libc::SYS_setresgid, gid)?;
+        set(libc::SYS_setresuid, uid)
+    }
+}
+
 /// `DEVPTS_SUPER_MAGIC`: a pty master must come from a real devpts (CVE-2025-52565).
 pub fn is_devpts(fd: RawFd) -> bool {
     // SAFETY: an all-zero statfs is a valid value for fstatfs to fill.
