@@ -489,3 +489,33 @@ fn a_sandbox_that_starves_init_gets_errors_not_hangs() {
     sb.destroy().unwrap();
     assert_gone(&id);
 }
+
+#[test]
+fn a_very_deep_tree_in_the_writable_layer_is_removed() {
+    // Deeper than our descriptor limit: a remover holding one descriptor per level would fail
+    // and leave the layer on disk.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let depth = 2500usize;
+    let sb = spawn(ImageRef::Host);
+    let id = sb.id().to_string();
+    sh_ok(
+        &sb,
+        &format!(
+            "python3 -c 'import os\nos.chdir(\"/tmp\")\nfor _ in range({depth}):\n    os.mkdir(\"d\"); os.chdir(\"d\")\nopen(\"f\", \"w\").write(\"x\")' && echo ok"
+        ),
+    );
+    // Run the teardown with a descriptor limit below the depth, as a busy daemon might have.
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        1024.min(hard),
+        hard,
+    )
+    .unwrap();
+    let r = sb.destroy();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    r.unwrap();
+    assert_gone(&id);
+}

@@ -78,11 +78,56 @@ pub fn flush() -> Vec<String> {
     std::mem::take(&mut g.errors)
 }
 
-/// Remove a directory tree; a missing one is fine.
+/// Remove a directory tree; a missing one is fine. The tree was written by untrusted code: a
+/// nesting deeper than our descriptor limit (std's remove_dir_all holds one per level) or than
+/// PATH_MAX falls back to [`remove_flat`].
 pub fn remove(p: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENAMETOOLONG)
+            ) =>
+        {
+            remove_flat(p)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Remove a tree of any depth with paths at most two levels below `root` and no descriptor
+/// held across calls: each pass deletes the top-level entries, first hoisting their
+/// subdirectories up to `root` (a rename), so every pass makes the tree one level shallower.
+/// Nothing is followed: entries are inspected with lstat.
+pub fn remove_flat(root: &Path) -> std::io::Result<()> {
+    let mut hoisted: u64 = 0;
+    loop {
+        let entries: Vec<PathBuf> = match std::fs::read_dir(root) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if entries.is_empty() {
+            return std::fs::remove_dir(root);
+        }
+        for e in entries {
+            if !std::fs::symlink_metadata(&e)?.is_dir() {
+                std::fs::remove_file(&e)?;
+                continue;
+            }
+            for c in std::fs::read_dir(&e)?.flatten() {
+                let c = c.path();
+                if std::fs::symlink_metadata(&c)?.is_dir() {
+                    hoisted += 1;
+                    std::fs::rename(&c, root.join(format!(".sbx-hoisted-{hoisted}")))?;
+                } else {
+                    std::fs::remove_file(&c)?;
+                }
+            }
+            std::fs::remove_dir(&e)?;
+        }
     }
 }
 
