@@ -80,14 +80,7 @@ fn teardown_after_the_helper_or_init_was_sigkilled() {
     let id = sb.id().to_string();
     let init = sb.init_pid();
     sh_ok(&sb, "sleep 1000 >/dev/null 2>&1 & echo ok");
-    let helper = std::fs::read_to_string(format!("/proc/{init}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("PPid:")
-                .map(|p| p.trim().parse::<i32>().unwrap())
-        })
-        .unwrap();
+    let helper = parent_of(init);
     let comm = std::fs::read_to_string(format!("/proc/{helper}/comm")).unwrap();
     assert_eq!(comm.trim(), "sbx:[helper]");
     nix::sys::signal::kill(
@@ -104,15 +97,15 @@ fn teardown_after_the_helper_or_init_was_sigkilled() {
     assert!(dead(init), "init {init} survived teardown");
 }
 
-/// A process's start time (field 22 of /proc/PID/stat), which tells a recycled pid apart.
-fn start_time(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+use sbx::runtime::proto::start_time;
+
+/// A process's parent pid (the helper, for init).
+fn parent_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:").map(|p| p.trim().parse().unwrap()))
+        .unwrap()
 }
 
 fn dead(pid: i32) -> bool {
@@ -229,14 +222,7 @@ fn a_waiter_does_not_block_exec_and_helper_death_is_not_sandbox_death() {
     assert_eq!(sh_ok(&sb, "echo during-wait").trim(), "during-wait");
     // Kill the helper: the waiter must not report the end while init still serves.
     let init = sb.init_pid();
-    let helper = std::fs::read_to_string(format!("/proc/{init}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("PPid:")
-                .map(|p| p.trim().parse::<i32>().unwrap())
-        })
-        .unwrap();
+    let helper = parent_of(init);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(helper),
         nix::sys::signal::Signal::SIGKILL,

@@ -6,7 +6,7 @@
 use super::seccomp::CompiledSeccomp;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 /// Largest message we accept. The helper config with a compiled seccomp profile is ~40 KiB.
@@ -328,9 +328,4 @@ pub fn start_time(pid: i32) -> Option<u64> {
         .nth(19)?
         .parse()
         .ok()
-}
-
-/// Convenience: the raw fd of an optional owned fd.
-pub fn raw(fd: &OwnedFd) -> RawFd {
-    fd.as_raw_fd()
 }
