@@ -597,3 +597,21 @@ fn pseudo_terminals_are_capped_per_sandbox() {
     assert!(n <= 256, "a sandbox opened {n} ptys");
     assert!(n >= 200, "only {n} ptys could be opened");
 }
+
+#[test]
+fn network_is_loopback_only_and_loopback_is_up() {
+    for (name, image) in images() {
+        let sb = spawn(image);
+        // Only lo exists in the sandbox's network namespace.
+        let devs = sh_ok(&sb, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '");
+        assert_eq!(devs.trim(), "lo", "{name}");
+        if name == "host" {
+            // A server on loopback answers a client in the same sandbox.
+            let out = sh_ok(
+                &sb,
+                "python3 -c 'import socket\ns=socket.socket(); s.bind((\"127.0.0.1\", 8080)); s.listen()\nc=socket.create_connection((\"127.0.0.1\", 8080)); a,_=s.accept(); a.sendall(b\"pong\"); print(c.recv(4).decode())'",
+            );
+            assert_eq!(out.trim(), "pong");
+        }
+    }
+}
