@@ -612,6 +612,24 @@ fn network_is_loopback_only_and_loopback_is_up() {
                 "python3 -c 'import socket\ns=socket.socket(); s.bind((\"127.0.0.1\", 8080)); s.listen()\nc=socket.create_connection((\"127.0.0.1\", 8080)); a,_=s.accept(); a.sendall(b\"pong\"); print(c.recv(4).decode())'",
             );
             assert_eq!(out.trim(), "pong");
+            // Any uid may bind a port below 1024 (as in a Docker container).
+            let mut spec = ExecSpec::new([
+                "python3",
+                "-c",
+                "import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 80)); print(\"bound\")",
+            ]);
+            spec.uid = 1000;
+            spec.gid = 1000;
+            let (exit, out, err) = sb.exec(spec).unwrap().output().unwrap();
+            assert_eq!(exit.code(), 0, "{}", String::from_utf8_lossy(&err));
+            assert_eq!(out, b"bound\n");
+        } else {
+            // Sandbox root cannot reconfigure its network: the namespace is not its own.
+            let (code, _, err) = sh(&sb, "ip link set lo down");
+            assert_ne!(code, 0, "{name}: lo went down");
+            assert!(err.contains("not permitted"), "{name}: {err}");
+            let devs = sh_ok(&sb, "cat /sys/class/net/lo/operstate; ls /sys/class/net");
+            assert_eq!(devs.split_whitespace().last(), Some("lo"), "{name}: {devs}");
         }
     }
 }

@@ -171,7 +171,7 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     //    pid 1 of the new pid namespace, so it shows only the sandbox's processes.
     mount_proc(root)?;
     mount_dev(root)?;
-    mount_sys(root)?;
+    // /sys is the helper's: a sysfs tagged with the network namespace, mounted before clone.
     // 9. pivot_root(".", ".") dance: the host root becomes unreachable.
     pivot(root)?;
     // 10. Mask and make read-only the dangerous parts of /proc and /sys (after pivot, with the
@@ -193,9 +193,7 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     for p in READONLY_PATHS {
         readonly(p)?;
     }
-    // 11. Hostname (we own the UTS namespace) and loopback (we own the network namespace).
-    step("set the hostname", nix::unistd::sethostname(&cfg.hostname))?;
-    step("bring up loopback", sys::loopback_up())?;
+    // 11. Hostname and loopback were set by the helper, which owns those namespaces.
     // 12. Re-point stdio that still refers to host files to the sandbox's /dev/null.
     for fd in 0..3 {
         step(
@@ -357,18 +355,6 @@ fn mount_dev(root: &Path) -> Result<(), SetupError> {
         )?;
     }
     Ok(())
-}
-
-fn mount_sys(root: &Path) -> Result<(), SetupError> {
-    let target = root.join("sys");
-    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    // A fresh sysfs is allowed because we own the network namespace. No fallback to a bind of
-    // the host's /sys: its submounts (cgroupfs, debugfs, bpffs) would keep their own, writable
-    // flags.
-    step(
-        "mount sysfs on /sys",
-        mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>),
-    )
 }
 
 fn pivot(root: &Path) -> Result<(), SetupError> {
