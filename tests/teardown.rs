@@ -399,6 +399,39 @@ fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
     // Adopting what is gone is a clear error.
     let e = Sandbox::adopt(&cfg, &id).err().unwrap().to_string();
     assert!(e.contains("state.json"), "{e}");
+
+    // An adopted sandbox whose entrypoint exits on its own reports that exit code.
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sbx"))
+        .arg("--state-dir")
+        .arg(&cfg.state_dir)
+        .arg("--run-dir")
+        .arg(&cfg.run_dir)
+        .args(["run", "--image"])
+        .arg(format!("dir:{}", busybox_rootfs().display()))
+        .args(["--", "sh", "-c", "sleep 1; exit 42"])
+        .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
+        .spawn()
+        .unwrap();
+    let id = loop {
+        if let Some(id) = Sandbox::list(&cfg).first() {
+            if cfg
+                .run_dir
+                .join("sandboxes")
+                .join(id)
+                .join("state.json")
+                .exists()
+            {
+                break id.clone();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    let sb = Sandbox::adopt(&cfg, &id).unwrap();
+    assert_eq!(sb.wait().unwrap().code(), 42);
+    sb.destroy().unwrap();
+    assert!(!cfg.run_dir.join("sandboxes").join(&id).exists());
 }
 
 #[test]

@@ -266,9 +266,12 @@ fn build_skeleton(
             copy_tree(&src, &etc.join(name))?;
         }
     }
-    // Host private keys never go into an image, readable or not.
+    // Host private keys never go into an image, readable or not. Only a real directory of
+    // our copy is removed: if the host's /etc/ssl is a symlink, so is our copy, and its
+    // private/ is the host's own (copy_tree copied the link, not the keys).
+    let is_real_dir = |p: &Path| fs::symlink_metadata(p).map(|m| m.is_dir()).unwrap_or(false);
     let private = etc.join("ssl/private");
-    if private.exists() {
+    if is_real_dir(&etc.join("ssl")) && is_real_dir(&private) {
         fs::remove_dir_all(&private).map_err(err(&private))?;
     }
     match fs::rename(&tmp, dir) {
@@ -335,6 +338,7 @@ mod tests {
         assert!(skel.join("etc/passwd").is_file());
         assert!(skel.join("etc/ld.so.cache").exists());
         assert!(!skel.join("etc/shadow").exists());
+        assert!(!skel.join("etc/ssl/private").exists());
         assert!(!skel.join("etc/machine-id").exists());
         assert!(r1.binds.iter().any(|b| b.target == Path::new("/usr")));
         fs::remove_dir_all(&state).unwrap();

@@ -304,9 +304,11 @@ fn mount_sysfs(rootfs: &Path) -> Result<(), HelperError> {
         .map(|m| m.is_dir())
         .unwrap_or(false);
     if !is_dir {
-        return Err(HelperError::Init {
+        return Err(HelperError::Io {
             step: "check the mount point /sys".into(),
-            error: "the image has something other than a directory there (a symlink?)".into(),
+            source: std::io::Error::other(
+                "the image has something other than a directory there (a symlink?)",
+            ),
         });
     }
     sys(

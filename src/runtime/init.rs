@@ -122,10 +122,10 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
             None::<&str>,
         ),
     )?;
-    // 3. Bind the rootfs onto itself, still as host uid 0: the overlay came from the helper's
-    //    namespace and is locked here (pivot_root refuses a locked new root with EINVAL); a bind
-    //    made in our own namespace is not. Its host path runs through root-only directories the
-    //    sandbox's root (an unmapped owner there) could not traverse, so we enter it now and use
+    // 3. Bind the rootfs onto itself: the overlay came from the helper's namespace and is
+    //    locked here (pivot_root refuses a locked new root with EINVAL); a bind made in our
+    //    own namespace is not. We run as the sandbox's host uid (the helper cloned us with
+    //    it), which may traverse the 0711 run directories; we enter the rootfs now and use
     //    relative paths from here on.
     let merged = &cfg.rootfs.merged;
     step(
@@ -333,7 +333,8 @@ fn mount_dev(root: &Path) -> Result<(), SetupError> {
     )?;
     let mq = dev.join("mqueue");
     step("mkdir /dev/mqueue", std::fs::create_dir(&mq))?;
-    // mqueue belongs to our IPC namespace; a kernel without it is not an error.
+    // mqueue: refused while the IPC namespace is the helper's (mq_open works without the
+    // mount, which only lists queues); attempted in case a kernel allows it.
     let _ = mount(
         Some("mqueue"),
         &mq,

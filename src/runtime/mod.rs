@@ -231,6 +231,8 @@ struct Inner {
     background_cleanup: bool,
     cgroup: Mutex<Option<cgroups::SandboxCgroup>>,
     helper: Mutex<Option<Child>>,
+    /// An adopted sandbox's helper (not our child): pid and start time.
+    adopted_helper: Option<(i32, u64)>,
     /// The helper's end of the control pair: it reports init's exit here. None for an
     /// adopted sandbox (its helper reports to whoever spawned it, and to `exit.json`).
     control: Option<OwnedFd>,
@@ -328,13 +330,15 @@ impl Sandbox {
         spec: &SandboxSpec,
         cleanup: &mut Cleanup,
     ) -> Result<Inner, RuntimeError> {
-        // Runtime dir (sockets, mount point): root only.
+        // Runtime dir (socket, records, rootfs mount point).
         // The id is taken by creating its directories (not "create if missing"): a second spawn
         // with a live or leftover id must fail before it touches anything of the other's — its
         // upper holds whatever that sandbox's root planted there (symlinks included).
         // 0711: init, which starts as the sandbox's owner uid, must traverse to the rootfs
         // mount point; nothing in here is readable by others (the socket and records are 0600).
         let run_dir = cfg.run_dir.join("sandboxes").join(id);
+        mkdir(&cfg.run_dir, 0o711)?;
+        ensure_searchable(&cfg.run_dir)?;
         mkdir_exact(&cfg.run_dir.join("sandboxes"), 0o711)?;
         reserve_dir(&run_dir, id, 0o711)?;
         cleanup.dirs.push(run_dir.clone());
@@ -415,6 +419,7 @@ impl Sandbox {
         proto::send(ours.as_raw_fd(), "helper config", &config, &[])?;
         match proto::expect::<HelperEvent>(ours.as_raw_fd(), "helper ready")?.0 {
             HelperEvent::Ready { pid } => {
+                let helper_pid = cleanup.helper.as_ref().map(|c| c.id() as i32).unwrap_or(0);
                 let record = proto::SandboxRecord {
                     id: id.to_string(),
                     init_pid: pid,
@@ -423,6 +428,8 @@ impl Sandbox {
                     id_base: ids.base,
                     id_count: ids.count,
                     state_dir: cfg.state_dir.clone(),
+                    helper_pid,
+                    helper_start_time: proto::start_time(helper_pid).unwrap_or(0),
                 };
                 let record_path = run_dir.join(proto::STATE_FILE);
                 proto::write_atomic(&record_path, &record).map_err(|source| RuntimeError::Io {
@@ -441,6 +448,7 @@ impl Sandbox {
                     background_cleanup: cfg.background_cleanup,
                     cgroup: Mutex::new(cleanup.cgroup.take()),
                     helper: Mutex::new(cleanup.helper.take()),
+                    adopted_helper: None,
                     control: Some(ours),
                     exit: Mutex::new(None),
                     waiter: Mutex::new(()),
@@ -468,10 +476,14 @@ impl Sandbox {
             .as_ref()
             .is_some_and(|fd| !wait_readable_for(fd, 0))
     }
-
-    /// The helper's host pid, when it is our child.
-    fn helper_pid(&self) -> Option<i32> {
-        lock(&self.inner.helper).as_ref().map(|c| c.id() as i32)
+    /// Whether the helper still runs (our child, or an adopted sandbox's recorded one).
+    fn helper_alive(&self) -> bool {
+        if let Some(c) = lock(&self.inner.helper).as_ref() {
+            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), None).is_ok();
+        }
+        self.inner
+            .adopted_helper
+            .is_some_and(|(pid, st)| process_is(pid, st))
     }
 
     /// Ids of the sandboxes whose runtime directories exist under `cfg.run_dir` (running, or
@@ -533,6 +545,8 @@ impl Sandbox {
                 background_cleanup: cfg.background_cleanup,
                 cgroup: Mutex::new(cgroup),
                 helper: Mutex::new(None),
+                adopted_helper: (record.helper_pid > 0)
+                    .then_some((record.helper_pid, record.helper_start_time)),
                 control: None,
                 exit: Mutex::new(exit),
                 waiter: Mutex::new(()),
@@ -755,9 +769,10 @@ impl Sandbox {
         self.inner
             .killed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(c) = lock(&self.inner.cgroup).as_ref() {
-            kill_sandbox(self.inner.init_pidfd.as_ref(), c)?;
-        }
+        kill_sandbox(
+            self.inner.init_pidfd.as_ref(),
+            lock(&self.inner.cgroup).as_ref(),
+        )?;
         Ok(())
     }
 
@@ -791,10 +806,7 @@ impl Sandbox {
                     if let Ok(s) = proto::read_record::<WaitStatus>(&exit_file) {
                         break s;
                     }
-                    let helper_alive = self.helper_pid().is_some_and(|p| {
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
-                    });
-                    if !helper_alive || std::time::Instant::now() > deadline {
+                    if !self.helper_alive() || std::time::Instant::now() > deadline {
                         break WaitStatus::Signal(libc::SIGKILL);
                     }
                     std::thread::sleep(std::time::Duration::from_millis(2));
@@ -833,6 +845,7 @@ impl Inner {
     fn teardown(&self) -> Result<(), RuntimeError> {
         let mut cleanup = Cleanup::new(self.id.clone(), self.ids.clone());
         cleanup.init_pidfd = self.init_pidfd.as_ref().and_then(|f| f.try_clone().ok());
+        cleanup.adopted_helper = self.adopted_helper;
         cleanup.cgroup = lock(&self.cgroup).take();
         cleanup.helper = lock(&self.helper).take();
         cleanup.dirs = vec![self.run_dir.clone(), self.sandbox_state.clone()];
@@ -863,6 +876,7 @@ struct Cleanup {
     cgroup: Option<cgroups::SandboxCgroup>,
     init_pidfd: Option<OwnedFd>,
     helper: Option<Child>,
+    adopted_helper: Option<(i32, u64)>,
     dirs: Vec<PathBuf>,
     background: bool,
 }
@@ -875,6 +889,7 @@ impl Cleanup {
             cgroup: None,
             init_pidfd: None,
             helper: None,
+            adopted_helper: None,
             dirs: Vec::new(),
             background: false,
         }
@@ -885,10 +900,16 @@ impl Cleanup {
         // Kill first (through init's pidfd, then the cgroup): that reaches init even if the
         // helper is gone.
         let mut all_dead = true;
-        if let Some(cg) = &self.cgroup {
-            if let Err(e) = kill_sandbox(self.init_pidfd.as_ref(), cg) {
-                errors.push(e.to_string());
-                all_dead = false;
+        if let Err(e) = kill_sandbox(self.init_pidfd.as_ref(), self.cgroup.as_ref()) {
+            errors.push(e.to_string());
+            all_dead = false;
+        }
+        // An adopted sandbox's helper is not our child: let it finish writing the exit record
+        // (it exits right after init) before its directory goes.
+        if let Some((pid, st)) = self.adopted_helper {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while process_is(pid, st) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
         let (helper, cgroup) = (self.helper.take(), self.cgroup.take());
@@ -1058,17 +1079,30 @@ impl Process {
 /// through the cgroup: freeze, SIGKILL every member, thaw (v1) or `cgroup.kill` (v2).
 fn kill_sandbox(
     init_pidfd: Option<&OwnedFd>,
-    cgroup: &cgroups::SandboxCgroup,
+    cgroup: Option<&cgroups::SandboxCgroup>,
 ) -> Result<(), cgroups::CgroupError> {
     if let Some(fd) = init_pidfd {
         let _ = sys::pidfd_kill(fd, libc::SIGKILL);
         // Init's exit completes only after every other process of its pid namespace is gone,
         // so its pidfd turning readable means the sandbox is dead; the cgroup is then empty.
-        if wait_readable_for(fd, 2000) && cgroup.wait_empty(std::time::Duration::from_millis(100)) {
-            return Ok(());
+        let dead = wait_readable_for(fd, 2000);
+        match cgroup {
+            Some(cg) if dead && cg.wait_empty(std::time::Duration::from_millis(100)) => {
+                return Ok(())
+            }
+            None if dead => return Ok(()),
+            _ => {}
         }
     }
-    cgroup.kill_all()
+    match cgroup {
+        Some(cg) => cg.kill_all(),
+        None => Ok(()),
+    }
+}
+
+/// Whether `pid` is still the process that started at `start_time`.
+fn process_is(pid: i32, start_time: u64) -> bool {
+    proto::start_time(pid) == Some(start_time)
 }
 
 /// Block until the process behind `pidfd` has exited (a pidfd polls readable then).
@@ -1167,6 +1201,22 @@ fn mkdir_exact(p: &Path, mode: u32) -> Result<(), RuntimeError> {
             source,
         }
     })
+}
+
+/// Make sure others may traverse `p` (init reaches its rootfs mount point as the sandbox's
+/// uid): add the search bits if they are missing, change nothing else.
+fn ensure_searchable(p: &Path) -> Result<(), RuntimeError> {
+    let err = |source| RuntimeError::Io {
+        step: "make searchable",
+        path: p.to_path_buf(),
+        source,
+    };
+    let mode = std::fs::metadata(p).map_err(err)?.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode((mode | 0o011) & 0o7777))
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Create `p` (one level, never reusing an existing one): the atomic claim of a sandbox id.

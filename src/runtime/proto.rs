@@ -295,6 +295,11 @@ pub struct SandboxRecord {
     pub id_base: u32,
     pub id_count: u32,
     pub state_dir: PathBuf,
+    /// The helper (it writes the exit record when init exits) and its start time.
+    #[serde(default)]
+    pub helper_pid: i32,
+    #[serde(default)]
+    pub helper_start_time: u64,
 }
 
 /// Write `value` as JSON to `path` atomically (a temporary file, then rename).
