@@ -332,6 +332,41 @@ fn background_cleanup_finishes_after_destroy_returns() {
     }
 }
 
+/// Start `sbx run` with `script` on the busybox image, wait until its sandbox is up, SIGKILL
+/// the CLI, and return the sandbox's id.
+fn sandbox_of_a_killed_cli(cfg: &sbx::runtime::RuntimeConfig, script: &str) -> String {
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sbx"))
+        .arg("--state-dir")
+        .arg(&cfg.state_dir)
+        .arg("--run-dir")
+        .arg(&cfg.run_dir)
+        .args(["run", "--image"])
+        .arg(format!("dir:{}", busybox_rootfs().display()))
+        .args(["--", "sh", "-c", script])
+        .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let id = loop {
+        let up = Sandbox::list(cfg).into_iter().find(|id| {
+            cfg.run_dir
+                .join("sandboxes")
+                .join(id)
+                .join("state.json")
+                .exists()
+        });
+        if let Some(id) = up {
+            break id;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sandbox appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    id
+}
+
 #[test]
 fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
     // `sbx run` spawns a sandbox and is SIGKILLed: the sandbox keeps running; another process
@@ -342,37 +377,7 @@ fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
         run_dir: dirs.join("run"),
         ..config()
     };
-    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sbx"))
-        .arg("--state-dir")
-        .arg(&cfg.state_dir)
-        .arg("--run-dir")
-        .arg(&cfg.run_dir)
-        .args(["run", "--image"])
-        .arg(format!("dir:{}", busybox_rootfs().display()))
-        .args(["--", "sh", "-c", "echo up > /tmp/up; sleep 1000"])
-        .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let id = loop {
-        let ids = Sandbox::list(&cfg);
-        if let Some(id) = ids.first() {
-            if cfg
-                .run_dir
-                .join("sandboxes")
-                .join(id)
-                .join("state.json")
-                .exists()
-            {
-                break id.clone();
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "no sandbox appeared");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    cli.kill().unwrap();
-    cli.wait().unwrap();
+    let id = sandbox_of_a_killed_cli(&cfg, "echo up > /tmp/up; sleep 1000");
 
     let sb = Sandbox::adopt(&cfg, &id).unwrap();
     // The entrypoint may need a moment to write its file.
@@ -401,33 +406,7 @@ fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
     assert!(e.contains("state.json"), "{e}");
 
     // An adopted sandbox whose entrypoint exits on its own reports that exit code.
-    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sbx"))
-        .arg("--state-dir")
-        .arg(&cfg.state_dir)
-        .arg("--run-dir")
-        .arg(&cfg.run_dir)
-        .args(["run", "--image"])
-        .arg(format!("dir:{}", busybox_rootfs().display()))
-        .args(["--", "sh", "-c", "sleep 1; exit 42"])
-        .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
-        .spawn()
-        .unwrap();
-    let id = loop {
-        if let Some(id) = Sandbox::list(&cfg).first() {
-            if cfg
-                .run_dir
-                .join("sandboxes")
-                .join(id)
-                .join("state.json")
-                .exists()
-            {
-                break id.clone();
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    cli.kill().unwrap();
-    cli.wait().unwrap();
+    let id = sandbox_of_a_killed_cli(&cfg, "sleep 1; exit 42");
     let sb = Sandbox::adopt(&cfg, &id).unwrap();
     assert_eq!(sb.wait().unwrap().code(), 42);
     sb.destroy().unwrap();
