@@ -633,3 +633,58 @@ fn network_is_loopback_only_and_loopback_is_up() {
         }
     }
 }
+
+#[test]
+fn a_process_and_its_jobs_can_be_signalled_and_its_terminal_resized() {
+    let sb = spawn(ImageRef::Host);
+    // SIGTERM reaches the process, which handles it, and its job.
+    let mut p = sb
+        .exec(ExecSpec::new([
+            "sh",
+            "-c",
+            "trap 'exit 5' TERM; sleep 100 & echo ready; wait",
+        ]))
+        .unwrap();
+    let mut buf = [0u8; 6];
+    use std::io::Read;
+    p.stdout.as_mut().unwrap().read_exact(&mut buf).unwrap();
+    p.signal(libc::SIGTERM).unwrap();
+    assert_eq!(p.wait().unwrap().code(), 5);
+    // SIGKILL takes the whole job: the shell and what it started.
+    let mut spec = ExecSpec::new(["sh", "-c", "sleep 100 & sleep 100 & echo started; wait"]);
+    spec.stderr = Stdio::Null;
+    let mut p = sb.exec(spec).unwrap();
+    p.stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut [0u8; 8])
+        .unwrap();
+    p.signal(libc::SIGKILL).unwrap();
+    assert_eq!(p.wait().unwrap().code(), 137);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let left = sh_ok(&sb, "ps -eo comm | grep -c ^sleep$ || true");
+    assert_eq!(left.trim(), "0", "the job's sleeps survived");
+    // An exited process cannot be signalled: a clear error.
+    let e = p.signal(libc::SIGTERM).unwrap_err().to_string();
+    assert!(e.contains("No such process"), "{e}");
+    // A terminal can be resized while the process runs.
+    let mut spec = ExecSpec::new(["sh", "-c", "sleep 0.5; stty size"]);
+    spec.pty = Some(sbx::runtime::PtySize { rows: 10, cols: 20 });
+    let mut p = sb.exec(spec).unwrap();
+    p.resize(40, 120).unwrap();
+    let mut master = p.pty.take().unwrap();
+    assert_eq!(p.wait().unwrap().code(), 0);
+    let mut out = Vec::new();
+    let mut b = [0u8; 1024];
+    while let Ok(n) = master.read(&mut b) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&out).contains("40 120"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}

@@ -2,7 +2,9 @@
 //! order), then a small init that reaps zombies, forwards signals, and forks + execs commands on
 //! request from its control socket.
 
-use super::proto::{self, ExecEvent, ExecRequest, HelperConfig, SetupMsg, StdioWire, WaitStatus};
+use super::proto::{
+    self, ExecEvent, ExecRequest, HelperConfig, Request, SetupMsg, StdioWire, WaitStatus,
+};
 use super::{capabilities, sys};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -655,8 +657,13 @@ impl Init {
             Err(_) => return,
         };
         let conn = owned(raw);
-        let (req, fds) = match proto::recv::<ExecRequest>(conn.as_raw_fd(), "exec request") {
-            Ok(Some(r)) => r,
+        let (req, fds) = match proto::recv::<Request>(conn.as_raw_fd(), "request") {
+            Ok(Some((Request::Exec(r), fds))) => (r, fds),
+            Ok(Some((Request::Signal { pid, sig }, _))) => {
+                let reply = self.signal(pid, sig);
+                let _ = proto::send(conn.as_raw_fd(), "signal reply", &reply, &[]);
+                return;
+            }
             Ok(None) => return,
             Err(e) => {
                 let _ = proto::send(
@@ -695,6 +702,26 @@ impl Init {
                     &[],
                 );
             }
+        }
+    }
+
+    /// Signal the process group of a process we started and still track (never anything else:
+    /// the pid must be one of ours, so a stale pid cannot hit a stranger).
+    fn signal(&self, pid: i32, sig: i32) -> ExecEvent {
+        let fail = |errno: nix::Error| ExecEvent::Failed {
+            step: format!("signal {sig} to process {pid}"),
+            errno: errno as i32,
+        };
+        if !self.procs.contains_key(&pid) {
+            return fail(nix::Error::ESRCH);
+        }
+        let Ok(sig) = Signal::try_from(sig) else {
+            return fail(nix::Error::EINVAL);
+        };
+        // Each started process leads its own session and group: the whole job gets it.
+        match nix::sys::signal::kill(Pid::from_raw(-pid), sig) {
+            Ok(()) => ExecEvent::Signalled,
+            Err(e) => fail(e),
         }
     }
 

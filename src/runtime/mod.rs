@@ -23,7 +23,7 @@ pub use proto::WaitStatus;
 pub use rootfs_fetch::ImageRef;
 pub use seccomp::SeccompProfile;
 
-use proto::{ExecEvent, ExecRequest, HelperConfig, HelperEvent, RootfsPlan, StdioWire};
+use proto::{ExecEvent, ExecRequest, HelperConfig, HelperEvent, Request, RootfsPlan, StdioWire};
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -681,7 +681,12 @@ impl Sandbox {
             }
         })?;
         let raw: Vec<RawFd> = send.iter().map(|f| f.as_raw_fd()).collect();
-        proto::send(conn.as_raw_fd(), "exec request", &req, &raw)?;
+        proto::send(
+            conn.as_raw_fd(),
+            "exec request",
+            &proto::RequestRef::Exec(&req),
+            &raw,
+        )?;
         drop(send);
         // A start normally takes about a millisecond. Code in the sandbox can stall it (stop
         // the child before execve, starve init of descriptors): never wait forever.
@@ -729,7 +734,7 @@ impl Sandbox {
                 })
             }
             ExecEvent::Failed { step, errno } => Err(RuntimeError::Exec { argv0, step, errno }),
-            ExecEvent::Exited { .. } => Err(RuntimeError::Exec {
+            ExecEvent::Exited { .. } | ExecEvent::Signalled => Err(RuntimeError::Exec {
                 argv0,
                 step: "start".into(),
                 errno: libc::EPROTO,
@@ -1017,6 +1022,46 @@ impl Process {
     /// The connection on which init reports the exit (readable when it has); for event loops.
     pub fn exit_fd(&self) -> RawFd {
         self.conn.as_raw_fd()
+    }
+
+    /// Send `sig` to the process and everything in its process group (it leads its own group:
+    /// a shell and the jobs it started). An exited process is an error naming it.
+    pub fn signal(&self, sig: i32) -> Result<(), RuntimeError> {
+        let conn = connect(&self.sandbox.control_socket).map_err(|source| RuntimeError::Sys {
+            step: "connect to the sandbox's init",
+            source,
+        })?;
+        let req = Request::Signal { pid: self.pid, sig };
+        proto::send(conn.as_raw_fd(), "signal request", &req, &[])?;
+        set_recv_timeout(&conn, Some(EXEC_START_TIMEOUT))?;
+        match proto::expect::<ExecEvent>(conn.as_raw_fd(), "signal reply")?.0 {
+            ExecEvent::Signalled => Ok(()),
+            ExecEvent::Failed { step, errno } => Err(RuntimeError::Exec {
+                argv0: format!("pid {}", self.pid),
+                step,
+                errno,
+            }),
+            _ => Err(RuntimeError::Exec {
+                argv0: format!("pid {}", self.pid),
+                step: "signal".into(),
+                errno: libc::EPROTO,
+            }),
+        }
+    }
+
+    /// Change the size of the process's terminal (with a pty); it gets SIGWINCH.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        let Some(master) = &self.pty else {
+            return Err(RuntimeError::Invalid {
+                field: "pty",
+                value: format!("pid {}", self.pid),
+                reason: "the process has no terminal",
+            });
+        };
+        sys::set_winsize(master.as_raw_fd(), rows, cols).map_err(|source| RuntimeError::Sys {
+            step: "set the terminal size",
+            source,
+        })
     }
 
     /// Block until the process exits. Closes our stdin end first so a reader sees EOF.

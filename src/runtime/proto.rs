@@ -242,6 +242,22 @@ pub enum StdioWire {
     Stdout,
 }
 
+/// Library → init: one request per connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Request {
+    /// Start a process; the connection then waits for its exit.
+    Exec(ExecRequest),
+    /// Send `sig` to the process group of `pid`, a process this init started that still runs.
+    Signal { pid: i32, sig: i32 },
+}
+
+/// [`Request::Exec`] by reference: the same JSON, without cloning the request to send it.
+#[derive(Debug, Serialize)]
+pub enum RequestRef<'a> {
+    Exec(&'a ExecRequest),
+}
+
 /// Library → init: start a process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,7 +284,9 @@ pub enum ExecEvent {
     Started {
         pid: i32,
     },
-    /// Could not start: errno and where.
+    /// A signal request was carried out.
+    Signalled,
+    /// Could not start (or signal): errno and where.
     Failed {
         step: String,
         errno: i32,
