@@ -517,3 +517,37 @@ fn a_very_deep_tree_in_the_writable_layer_is_removed() {
     r.unwrap();
     assert_gone(&id);
 }
+
+#[test]
+fn leftovers_of_a_dead_spawner_are_removed_by_id() {
+    // A spawner that died before its sandbox was up leaves no state.json: the sweep still
+    // kills what runs and removes every piece.
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    let id = sb.id().to_string();
+    let init = sb.init_pid();
+    let started = start_time(init).unwrap();
+    sh_ok(&sb, "sleep 1000 >/dev/null 2>&1 & echo ok");
+    std::fs::remove_file(
+        config()
+            .run_dir
+            .join("sandboxes")
+            .join(&id)
+            .join("state.json"),
+    )
+    .unwrap();
+    std::mem::forget(sb); // the spawner "dies" without tearing down
+    assert!(Sandbox::list(&config()).contains(&id));
+    Sandbox::remove_leftover(&config(), &id).unwrap();
+    assert_gone(&id);
+    assert!(
+        start_time(init) != Some(started) || dead(init),
+        "init survived"
+    );
+
+    // With state.json (the spawner died after the sandbox was up), the same call adopts it.
+    let sb = spawn(ImageRef::Dir(busybox_rootfs()));
+    let id = sb.id().to_string();
+    std::mem::forget(sb);
+    Sandbox::remove_leftover(&config(), &id).unwrap();
+    assert_gone(&id);
+}

@@ -88,6 +88,24 @@ impl IdRange {
         }
     }
 
+    /// The range held by `sandbox_id`, found by the id its slot file holds.
+    pub fn find(run_dir: &Path, sandbox_id: &str) -> Option<IdRange> {
+        let dir = run_dir.join("uids");
+        std::fs::read_dir(&dir).ok()?.flatten().find_map(|e| {
+            let slot: u32 = e.file_name().to_str()?.parse().ok()?;
+            if slot >= MAX_SLOTS {
+                return None;
+            }
+            let owner = std::fs::read_to_string(e.path()).ok()?;
+            (owner == sandbox_id).then(|| IdRange {
+                slot,
+                base: RANGE_BASE + slot * RANGE_SIZE,
+                count: RANGE_SIZE,
+                file: e.path(),
+            })
+        })
+    }
+
     /// Give the range back. Only after every process of the sandbox is gone.
     pub fn release(&self) -> std::io::Result<()> {
         match std::fs::remove_file(&self.file) {

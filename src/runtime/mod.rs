@@ -500,6 +500,27 @@ impl Sandbox {
         ids
     }
 
+    /// Remove what is left of sandbox `id` under `cfg`, whatever state it is in: a running
+    /// sandbox whose spawner died is adopted and destroyed; one whose spawner died before it
+    /// was up (no `state.json`) is torn down piece by piece — its cgroup killed and removed,
+    /// its directories deleted, its uid range released. For a daemon's start-up sweep: only
+    /// call it for ids no live process is spawning.
+    pub fn remove_leftover(cfg: &RuntimeConfig, id: &str) -> Result<(), RuntimeError> {
+        let id = validate_id(id.to_string())?;
+        let run_dir = cfg.run_dir.join("sandboxes").join(&id);
+        if run_dir.join(proto::STATE_FILE).exists() {
+            return Sandbox::adopt(cfg, &id)?.destroy();
+        }
+        let mut cleanup = Cleanup::new(
+            id.clone(),
+            idmap::IdRange::find(&cfg.run_dir, &id)
+                .unwrap_or_else(|| idmap::IdRange::adopt(&cfg.run_dir, u32::MAX, 0, 0)),
+        );
+        cleanup.cgroup = cgroups::SandboxCgroup::load(&format!("sbx/{id}")).ok();
+        cleanup.dirs = vec![run_dir, cfg.state_dir.join("sandboxes").join(&id)];
+        cleanup.run()
+    }
+
     /// Take over a sandbox another process spawned (after that process died, or to tear down
     /// what it left behind): exec, wait, kill and destroy work as for one we spawned. Its exit
     /// status comes from the record the helper leaves when init exits.
@@ -1145,9 +1166,16 @@ fn kill_sandbox(
     }
 }
 
-/// Whether `pid` is still the process that started at `start_time`.
+/// Whether `pid` is still the process that started at `start_time`, and has not exited (a
+/// zombie waiting for its parent counts as gone).
 fn process_is(pid: i32, start_time: u64) -> bool {
-    proto::start_time(pid) == Some(start_time)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+    let state = fields.next();
+    let started = fields.nth(18).and_then(|v| v.parse::<u64>().ok());
+    state != Some("Z") && started == Some(start_time)
 }
 
 /// Block until the process behind `pidfd` has exited (a pidfd polls readable then).
