@@ -634,6 +634,27 @@ fn network_is_loopback_only_and_loopback_is_up() {
     }
 }
 
+/// Running (not zombie) processes named `sleep` in the sandbox.
+fn sleeps(sb: &sbx::runtime::Sandbox) -> usize {
+    sh_ok(
+        sb,
+        "ps -eo stat,comm | grep -v '^Z' | grep -c ' sleep$' || true",
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// Wait (bounded) until `n` sleeps run: a job must have exec'd before it is signalled, or the
+/// shell's own pre-exec signal handling decides its fate, not ours.
+fn await_sleeps(sb: &sbx::runtime::Sandbox, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sleeps(sb) != n {
+        assert!(std::time::Instant::now() < deadline, "expected {n} sleeps");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_process_and_its_jobs_can_be_signalled_and_its_terminal_resized() {
     let sb = spawn(ImageRef::Host);
@@ -642,41 +663,22 @@ fn a_process_and_its_jobs_can_be_signalled_and_its_terminal_resized() {
         .exec(ExecSpec::new([
             "sh",
             "-c",
-            "trap 'exit 5' TERM; sleep 100 & echo ready; wait",
+            "trap 'exit 5' TERM; sleep 100 & wait",
         ]))
         .unwrap();
-    let mut buf = [0u8; 6];
-    use std::io::Read;
-    p.stdout.as_mut().unwrap().read_exact(&mut buf).unwrap();
+    await_sleeps(&sb, 1);
     p.signal(libc::SIGTERM).unwrap();
     assert_eq!(p.wait().unwrap().code(), 5);
+    await_sleeps(&sb, 0);
     // SIGKILL takes the whole job: the shell and what it started.
-    let mut spec = ExecSpec::new(["sh", "-c", "sleep 100 & sleep 100 & echo started; wait"]);
+    let mut spec = ExecSpec::new(["sh", "-c", "sleep 100 & sleep 100 & wait"]);
     spec.stderr = Stdio::Null;
     let mut p = sb.exec(spec).unwrap();
-    p.stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut [0u8; 8])
-        .unwrap();
+    await_sleeps(&sb, 2);
     p.signal(libc::SIGKILL).unwrap();
     assert_eq!(p.wait().unwrap().code(), 137);
     // Killed processes may take a moment to exit and be reaped on a loaded machine.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let left = sh_ok(
-            &sb,
-            "ps -eo stat,comm | grep -v '^Z' | grep -c ' sleep$' || true",
-        );
-        if left.trim() == "0" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the jobs' sleeps survived: {left}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    await_sleeps(&sb, 0);
     // An exited process cannot be signalled: a clear error.
     let e = p.signal(libc::SIGTERM).unwrap_err().to_string();
     assert!(e.contains("No such process"), "{e}");
@@ -687,6 +689,7 @@ fn a_process_and_its_jobs_can_be_signalled_and_its_terminal_resized() {
     p.resize(40, 120).unwrap();
     let mut master = p.pty.take().unwrap();
     assert_eq!(p.wait().unwrap().code(), 0);
+    use std::io::Read;
     let mut out = Vec::new();
     let mut b = [0u8; 1024];
     while let Ok(n) = master.read(&mut b) {
