@@ -551,3 +551,26 @@ fn leftovers_of_a_dead_spawner_are_removed_by_id() {
     Sandbox::remove_leftover(&config(), &id).unwrap();
     assert_gone(&id);
 }
+
+#[test]
+fn init_starved_of_every_descriptor_does_not_spin() {
+    let sb = std::sync::Arc::new(spawn(ImageRef::Host));
+    sh_ok(&sb, "prlimit --pid 1 --nofile=3:3 && echo done");
+    let ticks = |pid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    // An exec that init cannot even accept waits (bounded) in the background.
+    let waiter = {
+        let sb = sb.clone();
+        std::thread::spawn(move || sb.exec(ExecSpec::new(["true"])).is_err())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = ticks(sb.init_pid());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = ticks(sb.init_pid()) - before;
+    assert!(used < 30, "init used {used} ticks in 1 s while starved");
+    sb.kill().unwrap();
+    assert!(waiter.join().unwrap(), "the exec did not fail");
+}

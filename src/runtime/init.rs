@@ -475,6 +475,8 @@ struct Init {
     /// A spare descriptor, given up to accept-and-close a connection when our descriptor table
     /// is full (sandbox root can lower our RLIMIT_NOFILE): the caller gets an error, not a hang.
     spare: Option<OwnedFd>,
+    /// Not even the spare slot let us shed a connection: skip the listener for one round.
+    listen_paused: bool,
     /// Exec connections by a unique id (never by fd number, which accept reuses).
     conns: HashMap<u64, OwnedFd>,
     next_conn: u64,
@@ -508,6 +510,7 @@ impl Init {
             listener,
             devnull,
             spare,
+            listen_paused: false,
             conns: HashMap::new(),
             next_conn: 0,
             procs: HashMap::new(),
@@ -533,8 +536,15 @@ impl Init {
         loop {
             let conn_ids: Vec<u64> = self.conns.keys().copied().collect();
             let pending_pids: Vec<i32> = self.pending.keys().copied().collect();
+            // Out of descriptors even for shedding: leave the listener alone for a while rather
+            // than spin on it (the callers' exec start timeout reports the refusal).
+            let (listen_events, timeout) = if std::mem::take(&mut self.listen_paused) {
+                (PollFlags::empty(), PollTimeout::from(100u8))
+            } else {
+                (PollFlags::POLLIN, PollTimeout::NONE)
+            };
             let mut fds = vec![
-                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.listener.as_fd(), listen_events),
                 PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
             ];
             for pid in &pending_pids {
@@ -546,7 +556,7 @@ impl Init {
             for id in &conn_ids {
                 fds.push(PollFd::new(self.conns[id].as_fd(), PollFlags::POLLIN));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(nix::Error::EINTR) => continue,
                 Err(_) => sys::exit_now(1),
@@ -642,8 +652,9 @@ impl Init {
                 // caller sees the sandbox refuse), instead of spinning on a listener that
                 // stays readable.
                 self.spare = None;
-                if let Ok(raw) = accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-                    drop(owned(raw));
+                match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                    Ok(raw) => drop(owned(raw)),
+                    Err(_) => self.listen_paused = true,
                 }
                 self.spare = nix::fcntl::open(
                     "/dev/null",
