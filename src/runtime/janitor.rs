@@ -82,7 +82,21 @@ pub fn flush() -> Vec<String> {
 /// nesting deeper than our descriptor limit (std's remove_dir_all holds one per level) or than
 /// PATH_MAX falls back to [`remove_flat`].
 pub fn remove(p: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(p) {
+    // A helper we do not wait for (a leftover's) may still drop its exit record into the run
+    // directory while we delete it: retry for a moment when a directory refills.
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return finish_remove(p, other),
+        }
+    }
+    finish_remove(p, std::fs::remove_dir_all(p))
+}
+
+fn finish_remove(p: &Path, result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e)
