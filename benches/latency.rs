@@ -128,16 +128,20 @@ fn main() {
     );
     println!();
 
-    // --- spawn + exec /bin/true + teardown
-    let sbx_cycle = measure(rounds, || {
-        let sb = Sandbox::spawn(
+    let spawn = || {
+        Sandbox::spawn(
             &cfg,
             SandboxSpec {
                 image: image.clone(),
                 ..Default::default()
             },
         )
-        .expect("spawn");
+        .expect("spawn")
+    };
+
+    // --- spawn + exec /bin/true + teardown
+    let sbx_cycle = measure(rounds, || {
+        let sb = spawn();
         assert_eq!(quiet_exec(&sb, &["/bin/true"]), 0);
         sb.destroy().expect("destroy");
     });
@@ -156,14 +160,7 @@ fn main() {
     });
 
     // --- exec round trip into a running sandbox
-    let sb = Sandbox::spawn(
-        &cfg,
-        SandboxSpec {
-            image: image.clone(),
-            ..Default::default()
-        },
-    )
-    .expect("spawn");
+    let sb = spawn();
     let sbx_exec = measure(rounds * 5, || {
         assert_eq!(quiet_exec(&sb, &["/bin/true"]), 0);
     });
