@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
+#[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod daemon;

@@ -1,85 +1,433 @@
-//! `sbx`: the command line. Today `sbx run` drives the runtime in-process (the daemon arrives
-//! with the next milestone and takes over behind the same commands).
+//! `sbx`: the command line for sbxd. Every command except `daemon` is a call (or a few) through
+//! the client library [`sbx::client`]; when no daemon answers on the socket, the CLI starts one
+//! in the background (unless `--no-autostart` or `SBX_NO_AUTOSTART=1`).
+//!
+//! Exit codes: 0 success; 1 an error the daemon reported (`error: <code>: <message>` on stderr)
+//! or no daemon; 2 a usage error (clap's, and bad values found after parsing); `run` and `exec`
+//! exit with the command's code (128+N on signal N, 124 when a timeout fired).
 
-use clap::{Parser, Subcommand};
-use sbx::runtime::{
-    ExecSpec, ImageRef, Limits, RuntimeConfig, Sandbox, SandboxSpec, SeccompProfile, Stdio,
+use clap::builder::FalseyValueParser;
+use clap::{Args, Parser, Subcommand};
+use sbx::api::{
+    self, CreateSandbox, EndReason, ExecRequest, FileInfo, FileType, Probe, PtySize, SecretSource,
+    VolumeMount,
 };
-use std::io::{Read, Write};
+use sbx::client::{self, Client, Sandbox, StreamReader, StreamWriter};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+const EXAMPLES: &str = "\
+Examples:
+  sbx run -- python3 -c \"print('hello')\"
+  id=$(sbx create --name web --timeout 10m -- python3 -m http.server 8000)
+  sbx exec web -- curl -s localhost:8000
+  sbx ls --json
+  sbx terminate --wait web
+
+With no daemon on the socket, sbx starts one (log: <state-dir>/sbxd.log) unless --no-autostart.";
 
 #[derive(Parser)]
 #[command(
     name = "sbx",
     version,
-    about = "Run untrusted code in fast, isolated Linux sandboxes"
+    about = "Run untrusted code in fast, isolated Linux sandboxes (a client of sbxd)",
+    after_help = EXAMPLES
 )]
 struct Cli {
-    /// Directory for persistent state (image skeletons, writable layers).
-    #[arg(
-        long,
-        global = true,
-        env = "SBX_STATE_DIR",
-        default_value = "/var/lib/sbx"
-    )]
-    state_dir: std::path::PathBuf,
-    /// Directory for runtime files (control sockets, mount points).
-    #[arg(long, global = true, env = "SBX_RUN_DIR", default_value = "/run/sbx")]
-    run_dir: std::path::PathBuf,
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Cmd,
 }
 
+#[derive(Args)]
+struct Global {
+    /// The daemon's socket.
+    #[arg(long, global = true, env = "SBX_SOCKET", default_value = api::DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    /// Print JSON (output streamed from sandboxes stays raw bytes).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Fail instead of starting sbxd when no daemon answers on the socket.
+    #[arg(long, global = true, env = "SBX_NO_AUTOSTART", value_parser = FalseyValueParser::new())]
+    no_autostart: bool,
+    /// The daemon's persistent state (images, layers, volumes, secrets, metadata).
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_STATE_DIR",
+        default_value = "/var/lib/sbx",
+        value_name = "DIR"
+    )]
+    state_dir: PathBuf,
+    /// The daemon's runtime files (per-sandbox sockets and mounts).
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_RUN_DIR",
+        default_value = "/run/sbx",
+        value_name = "DIR"
+    )]
+    run_dir: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run sbxd in the foreground (until SIGINT or SIGTERM).
+    #[command(
+        after_help = "Example:\n  sbx daemon --socket /run/sbx/sbxd.sock --state-dir /var/lib/sbx"
+    )]
+    Daemon,
     /// Run CMD in a new sandbox, stream its output, exit with its code, remove the sandbox.
-    ///
-    /// Example: sbx run -- python3 -c "print('hello')"
+    #[command(
+        after_help = "Examples:\n  sbx run -- python3 -c \"print('hello')\"\n  \
+        echo data | sbx run -i --image dir:/srv/rootfs -v cache:/cache -- sh -c 'cat > /cache/x'\n\n\
+        Ctrl-C or SIGTERM removes the sandbox and exits 130 / 143; a fired --timeout exits 124."
+    )]
     Run(Box<RunArgs>),
-    /// Print the version.
+    /// Create a sandbox and print its id (it runs ENTRYPOINT, or stays up until its timeout).
+    #[command(
+        after_help = "Example:\n  sbx create --name web --tag team=ml --timeout 1h --probe-tcp 8000 -- python3 -m http.server 8000"
+    )]
+    Create(Box<CreateArgs>),
+    /// Run CMD in a running sandbox, stream its output, exit with its code.
+    #[command(
+        after_help = "Examples:\n  sbx exec web -- ls -l /tmp\n  sbx exec -it web -- sh\n\n\
+        Exit code: the command's; 128+N when signal N killed it; 124 when --timeout fired."
+    )]
+    Exec(Box<ExecArgs>),
+    /// Wait until the sandbox's readiness probe succeeds (exit 1 with `timeout` if it does not).
+    #[command(
+        name = "wait-ready",
+        after_help = "Example:\n  sbx wait-ready --timeout 30s web"
+    )]
+    WaitReady(WaitReadyArgs),
+    /// Wait for the sandbox to finish and print its returncode (124 timeout, 137 terminated).
+    #[command(after_help = "Example:\n  sbx wait web")]
+    Wait(TargetArgs),
+    /// Print the sandbox's returncode, or nothing while it runs.
+    #[command(after_help = "Example:\n  [ -z \"$(sbx poll web)\" ] && echo still running")]
+    Poll(TargetArgs),
+    /// Stop the sandbox (idempotent); with --wait print its returncode (137).
+    #[command(after_help = "Example:\n  sbx terminate --wait web")]
+    Terminate(TerminateArgs),
+    /// Print the entrypoint's output (stdout to stdout, stderr to stderr).
+    #[command(after_help = "Examples:\n  sbx logs web\n  sbx logs -f web\n\n\
+        Without -f: what the sandbox has written so far. With -f: follow until the output ends.")]
+    Logs(LogsArgs),
+    /// List sandboxes (running ones unless --all), newest first.
+    #[command(
+        after_help = "Examples:\n  sbx ls --app default --tag team=ml\n  sbx ls --all --json"
+    )]
+    Ls(LsArgs),
+    /// Print a sandbox as JSON: config, status, events with timestamps, returncode, end reason.
+    #[command(after_help = "Example:\n  sbx inspect web")]
+    Inspect(TargetArgs),
+    /// Replace the sandbox's tags (no K=V clears them).
+    #[command(after_help = "Example:\n  sbx tag web team=ml stage=prod")]
+    Tag(TagArgs),
+    /// Remove sandboxes: stop them if running, forget their records and output.
+    #[command(after_help = "Example:\n  sbx rm web sb-0123456789abcdefABCDEF")]
+    Rm(RmArgs),
+    /// Manage named secrets (environment variables given to sandboxes with --secret).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  sbx secret create openai OPENAI_API_KEY=sk-...\n  sbx run --secret openai -- env"
+    )]
+    Secret(SecretCmd),
+    /// Manage named volumes (created on first use with -v NAME:/PATH).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  sbx volume ls\n  sbx volume rm cache"
+    )]
+    Volume(VolumeCmd),
+    /// Read, write and list files inside a running sandbox.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  echo hi | sbx fs write web /tmp/x\n  sbx fs read web /tmp/x"
+    )]
+    Fs(FsCmd),
+    /// Print the versions of sbx and (when one answers) sbxd.
+    #[command(after_help = "Example:\n  sbx version --json")]
     Version,
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Image: `host` (the host's /usr read-only, a minimal /etc) or `dir:/path/to/rootfs`.
-    #[arg(long, default_value = "host")]
-    image: String,
-    /// Memory limit in MiB (no swap beyond it).
-    #[arg(long, value_name = "MIB")]
-    memory: Option<u64>,
+/// Options shared by `run` and `create`.
+#[derive(Args)]
+struct CreateOpts {
+    /// Image: `host` (the host's /usr read-only, a minimal /etc; the default) or `dir:/abs/rootfs`.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// App the sandbox belongs to (names are unique per app) [default: default].
+    #[arg(long, value_name = "APP", value_parser = parse_name)]
+    app: Option<String>,
+    /// Name, unique among the app's running sandboxes.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    name: Option<String>,
+    /// A tag (repeatable).
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_kv)]
+    tags: Vec<(String, String)>,
+    /// Lifetime (`10`, `10s`, `5m`, `2h`; default 5m); reaching it ends the sandbox with 124.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    timeout: Option<u64>,
+    /// End the sandbox after DUR with no exec running and no stdin written.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    idle_timeout: Option<u64>,
+    /// Working directory inside the sandbox (absolute).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Environment variable (repeatable; wins over secrets).
+    #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// A named secret's variables (repeatable; see `sbx secret create`).
+    #[arg(long = "secret", value_name = "NAME", value_parser = parse_name)]
+    secrets: Vec<String>,
+    /// Mount a named volume (created on first use) at PATH; `:ro` for read-only (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "NAME:/PATH[:ro]", value_parser = parse_volume)]
+    volumes: Vec<VolumeMount>,
     /// CPU limit in cores, fractions allowed (0.5).
     #[arg(long, value_name = "CORES")]
     cpu: Option<f64>,
+    /// Memory limit in MiB (no swap beyond it).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
     /// Most processes (and threads) at once.
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
-    /// Environment variable for CMD (repeatable).
-    #[arg(short = 'e', long = "env", value_name = "K=V")]
-    env: Vec<String>,
-    /// Working directory inside the sandbox (absolute).
-    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
-    workdir: Option<String>,
-    /// Kill the sandbox after DUR (`10`, `10s`, `5m`, `2h`); the exit code is then 124.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    timeout: Option<Duration>,
-    /// Hostname inside the sandbox.
-    #[arg(long, default_value = "sandbox")]
-    hostname: String,
+    /// Readiness probe: ready once a TCP connect to PORT inside the sandbox succeeds.
+    #[arg(long, value_name = "PORT", conflicts_with = "probe_exec")]
+    probe_tcp: Option<u16>,
+    /// Readiness probe: ready once this command exits 0 (split like a shell: quotes, backslash).
+    #[arg(long, value_name = "'CMD ARG...'", value_parser = parse_words)]
+    probe_exec: Option<Words>,
+    /// How often the probe tries, milliseconds [default: 100].
+    #[arg(long, value_name = "MS")]
+    probe_interval: Option<u64>,
     /// Seccomp profile: `default`, `unconfined` or a path to an OCI seccomp JSON file.
-    #[arg(long, default_value = "default")]
-    seccomp: String,
+    #[arg(long, value_name = "PROFILE")]
+    seccomp: Option<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    create: CreateOpts,
     /// Pass this process's stdin to CMD.
     #[arg(short = 'i', long)]
     interactive: bool,
+    /// Give CMD a terminal (stderr merged into stdout).
+    #[arg(short = 't', long)]
+    tty: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
-/// `10`, `10s`, `5m`, `2h` (a bare number is seconds).
-fn parse_duration(s: &str) -> Result<Duration, String> {
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    create: CreateOpts,
+    /// The entrypoint and its arguments; none: the sandbox idles until its timeout or terminate.
+    #[arg(trailing_var_arg = true, value_name = "ENTRYPOINT")]
+    entrypoint: Vec<String>,
+}
+
+/// Which sandbox: an id, or the name of a sandbox in `--app`.
+#[derive(Args)]
+struct TargetArgs {
+    /// The app NAME is looked up in.
+    #[arg(long, value_name = "APP", default_value = api::DEFAULT_APP, value_parser = parse_name)]
+    app: String,
+    /// A sandbox id (`sb-…`) or the name of a running sandbox in --app.
+    #[arg(value_name = "ID|NAME", value_parser = parse_target)]
+    target: Target,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Pass this process's stdin to CMD.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give CMD a terminal (stderr merged into stdout).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Kill CMD after DUR (`10`, `10s`, `5m`, `2h`); the exit code is then 124.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    timeout: Option<u64>,
+    /// Working directory (absolute) [default: the sandbox's].
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// A named secret's variables (repeatable).
+    #[arg(long = "secret", value_name = "NAME", value_parser = parse_name)]
+    secrets: Vec<String>,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(Args)]
+struct WaitReadyArgs {
+    /// Give up after DUR (exit 1, `error: timeout: …`).
+    #[arg(long, value_name = "DUR", default_value = "300", value_parser = parse_duration)]
+    timeout: u64,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct TerminateArgs {
+    /// Return once it has finished and print its returncode.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct LogsArgs {
+    /// Follow the output until it ends (the sandbox finished).
+    #[arg(short = 'f', long)]
+    follow: bool,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct LsArgs {
+    /// Only this app's sandboxes [default: every app].
+    #[arg(long, value_name = "APP", value_parser = parse_name)]
+    app: Option<String>,
+    /// Only sandboxes with this tag (repeatable; all must match).
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_kv)]
+    tags: Vec<(String, String)>,
+    /// Finished sandboxes too.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
+struct TagArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The new tags (replacing all of the old ones).
+    #[arg(value_name = "K=V", value_parser = parse_kv)]
+    tags: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct RmArgs {
+    /// The app NAMEs are looked up in.
+    #[arg(long, value_name = "APP", default_value = api::DEFAULT_APP, value_parser = parse_name)]
+    app: String,
+    /// Sandbox ids or names.
+    #[arg(required = true, value_name = "ID|NAME", value_parser = parse_target)]
+    targets: Vec<Target>,
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Create a secret holding environment variables.
+    #[command(after_help = "Example:\n  sbx secret create db PGUSER=app PGPASSWORD=hunter2")]
+    Create {
+        /// Replace a secret of that name instead of failing with `already_exists`.
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(value_name = "NAME", value_parser = parse_name)]
+        name: String,
+        #[arg(required = true, value_name = "K=V", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
+    /// List secrets (names and keys, never the values).
+    #[command(after_help = "Example:\n  sbx secret ls")]
+    Ls,
+    /// Delete a secret.
+    #[command(after_help = "Example:\n  sbx secret rm db")]
+    Rm {
+        #[arg(value_name = "NAME", value_parser = parse_name)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// List volumes and the running sandboxes that mount them.
+    #[command(after_help = "Example:\n  sbx volume ls")]
+    Ls,
+    /// Delete a volume and its files (refused while a running sandbox mounts it).
+    #[command(after_help = "Example:\n  sbx volume rm cache")]
+    Rm {
+        #[arg(value_name = "NAME", value_parser = parse_name)]
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct FsPath {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// An absolute path inside the sandbox.
+    #[arg(value_name = "PATH")]
+    path: String,
+}
+
+#[derive(Subcommand)]
+enum FsCmd {
+    /// Write the file's bytes to stdout.
+    #[command(after_help = "Example:\n  sbx fs read web /etc/os-release")]
+    Read(FsPath),
+    /// Replace the file with stdin (creates parent directories; mode 0644).
+    #[command(after_help = "Example:\n  sbx fs write web /app/main.py < main.py")]
+    Write(FsPath),
+    /// List a directory.
+    #[command(after_help = "Example:\n  sbx fs ls web /tmp")]
+    Ls(FsPath),
+    /// Describe a path (a final symlink itself, not its target).
+    #[command(after_help = "Example:\n  sbx fs stat web /tmp/x")]
+    Stat(FsPath),
+    /// Create a directory.
+    #[command(after_help = "Example:\n  sbx fs mkdir -p web /app/data")]
+    Mkdir {
+        /// Create missing parents; succeed if it exists.
+        #[arg(short = 'p', long)]
+        parents: bool,
+        #[command(flatten)]
+        path: FsPath,
+    },
+    /// Remove a file or an empty directory (-r: a directory and everything in it).
+    #[command(after_help = "Example:\n  sbx fs rm -r web /app/data")]
+    Rm {
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        #[command(flatten)]
+        path: FsPath,
+    },
+}
+
+/// A sandbox as the user named it.
+#[derive(Clone, Debug, PartialEq)]
+enum Target {
+    Id(String),
+    Name(String),
+}
+
+/// An argv given as one shell-like string.
+#[derive(Clone, Debug, PartialEq)]
+struct Words(Vec<String>);
+
+// ---------------------------------------------------------------------------------------------
+// Parsing values (errors here exit 2 through clap, naming the value)
+
+/// `10`, `10s`, `5m`, `2h` (a bare number is seconds) → seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
     let (num, mul) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),
         Some((i, 'm')) => (&s[..i], 60),
@@ -88,195 +436,1316 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     num.parse::<u64>()
         .ok()
+        .filter(|_| num.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|n| n.checked_mul(mul))
-        .map(Duration::from_secs)
         .ok_or_else(|| format!("invalid duration {s:?}: expected e.g. 10, 10s, 5m or 2h"))
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("invalid {s:?}: expected KEY=VALUE")),
+    }
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_kv(s)?;
+    if !api::valid_env_key(&k) {
+        return Err(format!(
+            "invalid variable name {k:?} in {s:?}: must match [A-Za-z_][A-Za-z0-9_]*"
+        ));
+    }
+    Ok((k, v))
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if api::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid name {s:?}: use 1 to 63 of A-Z a-z 0-9 . _ - (not . or ..)"
+        ))
+    }
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    if api::is_sandbox_id(s) {
+        Ok(Target::Id(s.to_string()))
+    } else if api::valid_name(s) {
+        Ok(Target::Name(s.to_string()))
+    } else {
+        Err(format!(
+            "invalid sandbox {s:?}: expected an id (sb- and 22 letters or digits) or a name \
+             (1 to 63 of A-Z a-z 0-9 . _ -)"
+        ))
+    }
+}
+
+/// `NAME:/PATH` or `NAME:/PATH:ro` (`:rw` accepted too).
+fn parse_volume(s: &str) -> Result<VolumeMount, String> {
+    let bad = |why: &str| format!("invalid volume {s:?}: {why} (expected NAME:/PATH[:ro])");
+    let (name, rest) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
+    let (path, read_only) = if let Some(p) = rest.strip_suffix(":ro") {
+        (p, true)
+    } else if let Some(p) = rest.strip_suffix(":rw") {
+        (p, false)
+    } else {
+        (rest, false)
+    };
+    if !api::valid_name(name) {
+        return Err(bad(&format!(
+            "name {name:?} must be 1 to 63 of A-Z a-z 0-9 . _ -"
+        )));
+    }
+    if !path.starts_with('/') || path.trim_end_matches('/').is_empty() || path.contains(':') {
+        return Err(bad(&format!("path {path:?} must be absolute and not /")));
+    }
+    Ok(VolumeMount {
+        name: name.to_string(),
+        path: path.to_string(),
+        read_only,
+    })
+}
+
+/// Split a command line as a shell would, without expansions: whitespace separates words;
+/// '…' is literal; "…" is literal except \" \\ \$ \`; a backslash outside quotes escapes.
+fn parse_words(s: &str) -> Result<Words, String> {
+    let unterminated = || format!("invalid command {s:?}: unterminated quote or escape");
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err(unterminated()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => cur.push(c),
+                            Some(c) => {
+                                cur.push('\\');
+                                cur.push(c);
+                            }
+                            None => return Err(unterminated()),
+                        },
+                        Some(c) => cur.push(c),
+                        None => return Err(unterminated()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                cur.push(chars.next().ok_or_else(unterminated)?);
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    if words.is_empty() {
+        return Err(format!("invalid command {s:?}: empty"));
+    }
+    Ok(Words(words))
+}
+
+impl CreateOpts {
+    /// The create request; a bad combination is a usage error (exit 2).
+    fn request(
+        self,
+        entrypoint: Vec<String>,
+        stdin: bool,
+        pty: Option<PtySize>,
+    ) -> Result<CreateSandbox, CliError> {
+        let interval = self.probe_interval;
+        let probe = match (self.probe_tcp, self.probe_exec) {
+            (Some(port), _) => Some(Probe {
+                tcp_port: Some(port),
+                interval_ms: interval,
+                ..Default::default()
+            }),
+            (None, Some(Words(argv))) => Some(Probe {
+                exec_argv: Some(argv),
+                interval_ms: interval,
+                ..Default::default()
+            }),
+            (None, None) => {
+                if let Some(ms) = interval {
+                    return Err(CliError::Usage(format!(
+                        "--probe-interval {ms} needs a probe: add --probe-tcp PORT or --probe-exec CMD"
+                    )));
+                }
+                None
+            }
+        };
+        // The daemon reads a seccomp profile file itself: a relative path means ours.
+        let seccomp = match self.seccomp {
+            Some(p) if p != "default" && p != "unconfined" && !p.starts_with('/') => {
+                let cwd = std::env::current_dir().map_err(|e| CliError::Io {
+                    what: "reading the current directory for --seccomp".into(),
+                    source: e,
+                })?;
+                Some(cwd.join(p).to_string_lossy().into_owned())
+            }
+            other => other,
+        };
+        Ok(CreateSandbox {
+            image: self.image,
+            entrypoint,
+            app: self.app,
+            name: self.name,
+            tags: self.tags.into_iter().collect(),
+            timeout_secs: self.timeout,
+            idle_timeout_secs: self.idle_timeout,
+            workdir: self.workdir,
+            env: self.env.into_iter().collect(),
+            secrets: self.secrets.into_iter().map(SecretSource::Named).collect(),
+            volumes: self.volumes,
+            cpu: self.cpu,
+            memory_mib: self.memory,
+            pids: self.pids,
+            readiness_probe: probe,
+            seccomp,
+            pty,
+            stdin,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and exit codes
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// What the daemon (or the connection to it) reported.
+    #[error("{0}")]
+    Client(#[from] client::Error),
+    #[error(
+        "no sbxd answers on {}: {source}; start one with `sbx daemon --socket {}`, or let sbx \
+         start it (drop --no-autostart / SBX_NO_AUTOSTART)",
+        path.display(),
+        path.display()
+    )]
+    NoDaemon {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting sbxd: {0}")]
+    Autostart(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A bad value found after parsing (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Our stdout or stderr was closed (as `| head`): exit as SIGPIPE would, silently.
+    #[error("output closed")]
+    BrokenPipe,
+    /// The run error and the cleanup error together; the cleanup never hides the cause.
+    #[error("{run}; and removing sandbox {id} failed: {cleanup}")]
+    WithCleanup {
+        run: Box<CliError>,
+        id: String,
+        cleanup: client::Error,
+    },
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::BrokenPipe => 141,
+            CliError::WithCleanup { run, .. } => run.exit_code(),
+            _ => 1,
+        }
+    }
+
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+        let what = what.into();
+        move |source| CliError::Io { what, source }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Version => {
-            println!("sbx {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Cmd::Run(args) => {
-            let mut cfg = RuntimeConfig::from_env();
-            // One sandbox, then exit: no idle helpers, no background deletion.
-            cfg.warm_helpers = 0;
-            cfg.state_dir = cli.state_dir;
-            cfg.run_dir = cli.run_dir;
-            match run(&cfg, *args) {
-                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
+    if let Cmd::Daemon = cli.command {
+        let cfg = sbx::daemon::DaemonConfig {
+            socket: cli.global.socket,
+            state_dir: cli.global.state_dir,
+            run_dir: cli.global.run_dir,
+        };
+        return match sbx::daemon::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
             }
-        }
+        };
     }
-}
-
-/// Signals `sbx run` passes on to the sandbox (as `docker run` does); a second one kills it.
-const FORWARDED: &[nix::sys::signal::Signal] = &[
-    nix::sys::signal::Signal::SIGINT,
-    nix::sys::signal::Signal::SIGTERM,
-    nix::sys::signal::Signal::SIGHUP,
-    nix::sys::signal::Signal::SIGQUIT,
-];
-
-fn run(cfg: &RuntimeConfig, args: RunArgs) -> Result<i32, Box<dyn std::error::Error>> {
-    // Block the forwarded signals in every thread (threads inherit the mask); one thread takes
-    // them with sigwait, so Ctrl-C stops the command and the sandbox is still torn down.
-    let mut mask = nix::sys::signal::SigSet::empty();
-    for s in FORWARDED {
-        mask.add(*s);
-    }
-    mask.thread_block()?;
-    let image: ImageRef = args.image.parse()?;
-    let seccomp = match args.seccomp.as_str() {
-        "default" => SeccompProfile::Default,
-        "unconfined" => SeccompProfile::Unconfined,
-        path => SeccompProfile::File(path.into()),
-    };
-    let mut env = Vec::new();
-    for kv in &args.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("invalid --env {kv:?}: expected K=V"))?;
-        env.push((k.to_string(), v.to_string()));
-    }
-    if let Some(m) = args.memory {
-        if m == 0 {
-            return Err("invalid --memory 0: must be at least 1 MiB".into());
-        }
-    }
-    if let Some(c) = args.cpu {
-        if !(c > 0.0 && c.is_finite()) {
-            return Err(format!("invalid --cpu {c}: must be a positive number of cores").into());
-        }
-    }
-    let entry = ExecSpec {
-        argv: args.cmd,
-        env,
-        cwd: args.workdir,
-        stdin: if args.interactive {
-            Stdio::Pipe
-        } else {
-            Stdio::Null
-        },
-        ..Default::default()
-    };
-    let spec = SandboxSpec {
-        image,
-        hostname: Some(args.hostname),
-        limits: Limits {
-            memory_bytes: args.memory.map(|m| m * 1024 * 1024),
-            cpu_cores: args.cpu,
-            pids_max: args.pids,
-            ..Default::default()
-        },
-        seccomp,
-        entrypoint: Some(entry),
-        ..Default::default()
-    };
-    let sandbox = std::sync::Arc::new(Sandbox::spawn(cfg, spec)?);
-    let mut proc = sandbox
-        .take_entrypoint()
-        .ok_or("the sandbox did not start its entrypoint")?;
-    // Output is copied through pipes rather than handing our terminal to the sandbox (a tty
-    // descriptor inside would allow TIOCSTI-style input injection into the host shell).
-    let out = proc
-        .stdout
-        .take()
-        .map(|f| copy_thread(f, std::io::stdout()));
-    let err = proc
-        .stderr
-        .take()
-        .map(|f| copy_thread(f, std::io::stderr()));
-    if let Some(mut w) = proc.stdin.take() {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
-        });
-    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
     {
-        let sb = std::sync::Arc::downgrade(&sandbox);
-        std::thread::spawn(move || {
-            let mut count = 0;
-            while let Ok(sig) = mask.wait() {
-                let Some(sb) = sb.upgrade() else { return };
-                count += 1;
-                let _ = if count == 1 {
-                    sb.signal(sig as i32)
-                } else {
-                    sb.kill()
-                };
-            }
-        });
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the tokio runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(dispatch(cli));
+    drop(rt);
+    let _ = std::io::stdout().flush();
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(CliError::BrokenPipe) => ExitCode::from(141),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
-    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The timer waits on a channel: dropping `stop` ends it early, and it is joined before
-    // teardown, so it never holds the sandbox while we destroy it.
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let timer = args.timeout.map(|t| {
-        let (sb, flag) = (std::sync::Arc::downgrade(&sandbox), timed_out.clone());
-        std::thread::spawn(move || {
-            if stopped.recv_timeout(t) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-                if let Some(sb) = sb.upgrade() {
-                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let _ = sb.kill();
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, CliError> {
+    let g = cli.global;
+    // Everything that can be a usage error is checked before we talk to (or start) a daemon.
+    match cli.command {
+        Cmd::Daemon => unreachable!("handled in main before the runtime starts"),
+        Cmd::Version => version(&g).await,
+        Cmd::Run(a) => {
+            let a = *a;
+            let pty = a.tty.then(terminal_size);
+            let req = a.create.request(a.cmd, a.interactive, pty)?;
+            let client = connect(&g).await?;
+            run(&client, req, a.interactive, a.tty).await
+        }
+        Cmd::Create(a) => {
+            let a = *a;
+            let req = a.create.request(a.entrypoint, false, None)?;
+            let client = connect(&g).await?;
+            let sb = Sandbox::create(&client, req).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "id": sb.id() }))?;
+            } else {
+                println!("{}", sb.id());
+            }
+            Ok(0)
+        }
+        Cmd::Exec(a) => {
+            let client = connect(&g).await?;
+            exec(&client, *a).await
+        }
+        Cmd::WaitReady(a) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &a.target, false).await?;
+            let ready_at = sb.wait_until_ready(Duration::from_secs(a.timeout)).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "id": sb.id(), "ready_at": ready_at }))?;
+            }
+            Ok(0)
+        }
+        Cmd::Wait(t) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &t, true).await?;
+            let rc = sb.wait_returncode().await?;
+            print_returncode(&g, sb.id(), Some(rc))?;
+            Ok(0)
+        }
+        Cmd::Poll(t) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &t, true).await?;
+            let rc = sb.poll().await?;
+            print_returncode(&g, sb.id(), rc)?;
+            Ok(0)
+        }
+        Cmd::Terminate(a) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &a.target, false).await?;
+            let rc = sb.terminate(a.wait).await?;
+            if a.wait || g.json {
+                print_returncode(&g, sb.id(), rc)?;
+            }
+            Ok(0)
+        }
+        Cmd::Logs(a) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &a.target, true).await?;
+            logs(&sb, a.follow).await?;
+            Ok(0)
+        }
+        Cmd::Ls(a) => {
+            let client = connect(&g).await?;
+            let tags: BTreeMap<String, String> = a.tags.into_iter().collect();
+            let list = Sandbox::list(&client, a.app.as_deref(), &tags, a.all).await?;
+            if g.json {
+                print_json(&list)?;
+            } else {
+                let rows = list.iter().map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.name.clone().unwrap_or_else(|| "-".into()),
+                        s.app.clone(),
+                        s.status.as_str().to_string(),
+                        utc(s.created_at),
+                        s.returncode.map_or_else(|| "-".into(), |c| c.to_string()),
+                        join_tags(&s.tags),
+                    ]
+                });
+                print_table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "APP",
+                        "STATUS",
+                        "CREATED",
+                        "RETURNCODE",
+                        "TAGS",
+                    ],
+                    rows,
+                )?;
+            }
+            Ok(0)
+        }
+        Cmd::Inspect(t) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &t, true).await?;
+            let info = sb.info().await?;
+            let text = serde_json::to_string_pretty(&info).expect("SandboxInfo serializes");
+            write_stdout(format!("{text}\n").as_bytes())?;
+            Ok(0)
+        }
+        Cmd::Tag(a) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &a.target, false).await?;
+            let tags: BTreeMap<String, String> = a.tags.into_iter().collect();
+            sb.set_tags(tags.clone()).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "id": sb.id(), "tags": tags }))?;
+            }
+            Ok(0)
+        }
+        Cmd::Rm(a) => {
+            let client = connect(&g).await?;
+            let mut removed = Vec::new();
+            for t in a.targets {
+                let t = TargetArgs {
+                    app: a.app.clone(),
+                    target: t,
+                };
+                let sb = resolve(&client, &t, true).await?;
+                sb.delete().await?;
+                removed.push(sb.id().to_string());
+            }
+            if g.json {
+                print_json(&serde_json::json!({ "removed": removed }))?;
+            }
+            Ok(0)
+        }
+        Cmd::Secret(c) => {
+            let client = connect(&g).await?;
+            secret(&client, &g, c).await
+        }
+        Cmd::Volume(c) => {
+            let client = connect(&g).await?;
+            volume(&client, &g, c).await
+        }
+        Cmd::Fs(c) => {
+            let client = connect(&g).await?;
+            fs(&client, &g, c).await
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connecting, and starting sbxd when nobody answers
+
+/// Whether something accepts connections on the socket (a cheap check before the client).
+fn probe_socket(path: &Path) -> std::io::Result<()> {
+    std::os::unix::net::UnixStream::connect(path).map(drop)
+}
+
+async fn connect(g: &Global) -> Result<Client, CliError> {
+    if let Err(e) = probe_socket(&g.socket) {
+        if g.no_autostart {
+            return Err(CliError::NoDaemon {
+                path: g.socket.clone(),
+                source: e,
+            });
+        }
+        autostart(g).await?;
+    }
+    Ok(Client::connect_to(&g.socket).await?)
+}
+
+/// How long an autostarted sbxd gets to answer.
+const AUTOSTART_WAIT: Duration = Duration::from_secs(10);
+
+/// Start sbxd in the background (its own process group, stdin null, output to
+/// `<state>/sbxd.log`) and wait until it answers. A lock file serializes concurrent CLIs, so
+/// only one of them starts a daemon.
+async fn autostart(g: &Global) -> Result<(), CliError> {
+    std::fs::create_dir_all(&g.state_dir)
+        .map_err(CliError::io(format!("creating {}", g.state_dir.display())))?;
+    let lock_path = g.state_dir.join("sbxd.autostart.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(CliError::io(format!("opening {}", lock_path.display())))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
+        |(_, e)| CliError::Io {
+            what: format!("locking {}", lock_path.display()),
+            source: e.into(),
+        },
+    )?;
+    // Another CLI may have started it while we waited for the lock.
+    if probe_socket(&g.socket).is_ok() {
+        return Ok(());
+    }
+    let log_path = g.state_dir.join("sbxd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(CliError::io(format!("opening {}", log_path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(CliError::io(format!("duplicating {}", log_path.display())))?;
+    let exe = std::env::current_exe().map_err(CliError::io("finding our own executable"))?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("daemon")
+        .arg("--socket")
+        .arg(&g.socket)
+        .arg("--state-dir")
+        .arg(&g.state_dir)
+        .arg("--run-dir")
+        .arg(&g.run_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // Its own process group: Ctrl-C at our terminal does not reach it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
+        .spawn()
+        .map_err(CliError::io(format!("running {} daemon", exe.display())))?;
+    eprintln!(
+        "sbx: started sbxd (pid {}, socket {}, log {})",
+        child.id(),
+        g.socket.display(),
+        log_path.display()
+    );
+    let deadline = Instant::now() + AUTOSTART_WAIT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(CliError::Autostart(format!(
+                "sbxd exited at once ({status}); its log {} ends with:\n{}",
+                log_path.display(),
+                log_tail(&log_path)
+            )));
+        }
+        if probe_socket(&g.socket).is_ok() {
+            if let Ok(c) = Client::connect_to(&g.socket).await {
+                if c.health().await.is_ok() {
+                    return Ok(());
                 }
             }
-        })
-    });
-    let exit = proc.wait()?;
-    for t in [out, err].into_iter().flatten() {
-        let _ = t.join();
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::Autostart(format!(
+                "sbxd (pid {}) did not answer on {} within {} s; see {}",
+                child.id(),
+                g.socket.display(),
+                AUTOSTART_WAIT.as_secs(),
+                log_path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drop(proc);
-    drop(stop);
-    if let Some(t) = timer {
-        let _ = t.join();
-    }
-    // Only weak handles remain elsewhere: the signal thread may hold a strong one for the
-    // instant it forwards a signal, so retry briefly rather than leave teardown to it.
-    let mut sandbox = sandbox;
-    for _ in 0..1000 {
-        match std::sync::Arc::try_unwrap(sandbox) {
-            Ok(sb) => {
-                sb.destroy()?;
-                break;
-            }
-            Err(sb) => {
-                sandbox = sb;
-                std::thread::sleep(Duration::from_millis(1));
+}
+
+/// The last lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// The sandbox a user named: by id, or by name in the app (`finished_too`: fall back to the
+/// most recent finished one, for commands that only read).
+async fn resolve(client: &Client, t: &TargetArgs, finished_too: bool) -> Result<Sandbox, CliError> {
+    Ok(match &t.target {
+        Target::Id(id) => Sandbox::from_id(client, id).await?,
+        Target::Name(name) => Sandbox::from_name(client, &t.app, name, finished_too).await?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// run and exec: streaming output, stdin, signals, terminals
+
+/// How a `run` ended.
+enum Ended {
+    Exited(i32),
+    /// We got signal N and removed the sandbox.
+    Signalled(i32),
+}
+
+async fn run(
+    client: &Client,
+    req: CreateSandbox,
+    interactive: bool,
+    tty: bool,
+) -> Result<u8, CliError> {
+    // Registered before the create, so a Ctrl-C during it is seen once the id is known.
+    let mut sigs = Signals::new()?;
+    let sb = Sandbox::create(client, req).await?;
+    let raw = if tty && interactive {
+        RawTerminal::enter()
+    } else {
+        None
+    };
+    let ended = drive_entrypoint(&sb, interactive, &mut sigs).await;
+    drop(raw);
+    // Explain an unusual end before the records go.
+    if let Ok(Ended::Exited(rc)) = &ended {
+        if *rc != 0 {
+            if let Ok(info) = sb.info().await {
+                match info.end_reason {
+                    Some(EndReason::Error) => eprintln!(
+                        "sbx: sandbox {} failed: {}",
+                        sb.id(),
+                        info.error.as_deref().unwrap_or("unknown error")
+                    ),
+                    Some(EndReason::Oom) => {
+                        eprintln!("sbx: sandbox {} was killed: out of memory", sb.id())
+                    }
+                    _ => {}
+                }
             }
         }
     }
-    if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
-        return Ok(124);
+    // DELETE terminates a sandbox still running (after a signal or an error) and forgets it.
+    let removed = sb.delete().await;
+    match (ended, removed) {
+        (Ok(Ended::Exited(rc)), Ok(())) => Ok(exit_byte(rc)),
+        (Ok(Ended::Signalled(n)), Ok(())) => Ok(exit_byte(128 + n)),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(_), Err(cleanup)) => Err(cleanup.into()),
+        (Err(e), Err(cleanup)) => Err(CliError::WithCleanup {
+            run: Box::new(e),
+            id: sb.id().to_string(),
+            cleanup,
+        }),
     }
-    if exit.oom {
-        eprintln!("sbx: the command was killed: out of memory");
-    }
-    Ok(exit.code())
 }
 
-fn copy_thread<W: Write + Send + 'static>(
-    mut from: std::fs::File,
-    mut to: W,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 16384];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
-                        break;
+/// Stream the entrypoint's output (and our stdin to it) until it finished and its output
+/// ended, or until a signal asks us to stop.
+async fn drive_entrypoint(
+    sb: &Sandbox,
+    interactive: bool,
+    sigs: &mut Signals,
+) -> Result<Ended, CliError> {
+    let (out, err, stdin) = (sb.stdout(), sb.stderr(), sb.stdin());
+    let finished = async {
+        let (_, _, rc) = tokio::try_join!(
+            copy_out(&out, Out::Stdout),
+            copy_out(&err, Out::Stderr),
+            async { Ok(sb.wait_returncode().await?) }
+        )?;
+        Ok::<i32, CliError>(rc)
+    };
+    tokio::pin!(finished);
+    let pump = pump_stdin(&stdin, interactive);
+    tokio::pin!(pump);
+    let mut pumping = interactive;
+    loop {
+        tokio::select! {
+            r = &mut finished => return r.map(Ended::Exited),
+            () = &mut pump, if pumping => pumping = false,
+            s = sigs.next() => {
+                // The entrypoint's terminal has no resize call; only stops matter here.
+                if let Sig::Stop(n) = s {
+                    return Ok(Ended::Signalled(n));
+                }
+            }
+        }
+    }
+}
+
+async fn exec(client: &Client, a: ExecArgs) -> Result<u8, CliError> {
+    let sb = resolve(client, &a.target, false).await?;
+    let req = ExecRequest {
+        argv: a.cmd,
+        workdir: a.workdir,
+        env: a.env.into_iter().collect(),
+        secrets: a.secrets.into_iter().map(SecretSource::Named).collect(),
+        timeout_secs: a.timeout,
+        pty: a.tty.then(terminal_size),
+        term: if a.tty {
+            std::env::var("TERM").ok()
+        } else {
+            None
+        },
+        stdin: Some(a.interactive),
+        ..Default::default()
+    };
+    let mut sigs = Signals::new()?;
+    let raw = if a.tty && a.interactive {
+        RawTerminal::enter()
+    } else {
+        None
+    };
+    let p = sb.exec_with(req).await?;
+    let finished = async {
+        let (_, _, rc) = tokio::try_join!(
+            copy_out(p.stdout(), Out::Stdout),
+            copy_out(p.stderr(), Out::Stderr),
+            async { Ok(p.wait().await?) }
+        )?;
+        Ok::<i32, CliError>(rc)
+    };
+    tokio::pin!(finished);
+    let pump = pump_stdin(p.stdin(), a.interactive);
+    tokio::pin!(pump);
+    let mut pumping = a.interactive;
+    let mut stops = 0;
+    let result = loop {
+        tokio::select! {
+            r = &mut finished => break r,
+            () = &mut pump, if pumping => pumping = false,
+            s = sigs.next() => match s {
+                // Forwarded to the process group; the third one kills it.
+                Sig::Stop(n) => {
+                    stops += 1;
+                    let n = if stops >= 3 { 9 } else { n };
+                    if let Err(e) = p.signal(n).await {
+                        eprintln!("sbx: forwarding signal {n}: {e}");
+                    }
+                }
+                Sig::Winch => {
+                    if a.tty {
+                        let size = terminal_size();
+                        let _ = p.resize(size.rows, size.cols).await;
                     }
                 }
             }
         }
-    })
+    };
+    drop(raw);
+    match result {
+        Ok(rc) => {
+            let info = p.info().await?;
+            if info.timed_out {
+                Ok(124)
+            } else {
+                if info.oom {
+                    eprintln!("sbx: the command was killed: out of memory");
+                }
+                Ok(exit_byte(rc))
+            }
+        }
+        Err(CliError::BrokenPipe) => {
+            // Our reader left (as `| head`): the command gets what a pipe writer would.
+            let _ = p.signal(13).await;
+            Err(CliError::BrokenPipe)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn exit_byte(rc: i32) -> u8 {
+    u8::try_from(rc.clamp(0, 255)).expect("clamped to 0..=255")
+}
+
+#[derive(Clone, Copy)]
+enum Out {
+    Stdout,
+    Stderr,
+}
+
+/// Copy one output stream to ours as its chunks arrive.
+async fn copy_out(r: &StreamReader, to: Out) -> Result<(), CliError> {
+    while let Some(chunk) = r.next_chunk().await? {
+        match to {
+            Out::Stdout => write_stdout(&chunk)?,
+            Out::Stderr => write_stderr(&chunk)?,
+        }
+    }
+    Ok(())
+}
+
+fn write_stdout(data: &[u8]) -> Result<(), CliError> {
+    let mut o = std::io::stdout().lock();
+    o.write_all(data)
+        .and_then(|()| o.flush())
+        .map_err(|e| local_write_error(e, "stdout"))
+}
+
+fn write_stderr(data: &[u8]) -> Result<(), CliError> {
+    let mut o = std::io::stderr().lock();
+    o.write_all(data)
+        .and_then(|()| o.flush())
+        .map_err(|e| local_write_error(e, "stderr"))
+}
+
+fn local_write_error(e: std::io::Error, what: &str) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError::BrokenPipe
+    } else {
+        CliError::Io {
+            what: format!("writing to {what}"),
+            source: e,
+        }
+    }
+}
+
+/// Our stdin into a process's stdin until EOF, then close it (only when `on`; otherwise
+/// never ready). A write the process no longer takes (it exited) just ends the pumping.
+async fn pump_stdin(w: &StreamWriter, on: bool) {
+    if !on {
+        return std::future::pending().await;
+    }
+    // Read on a plain thread: a blocking read cannot hold up the runtime or the exit.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        if w.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.close().await;
+}
+
+/// Signals `run` and `exec` handle themselves.
+enum Sig {
+    /// SIGINT, SIGTERM, SIGHUP or SIGQUIT (the number).
+    Stop(i32),
+    Winch,
+}
+
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    winch: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, CliError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let reg = |k: SignalKind| signal(k).map_err(CliError::io("installing signal handlers"));
+        Ok(Signals {
+            int: reg(SignalKind::interrupt())?,
+            term: reg(SignalKind::terminate())?,
+            hup: reg(SignalKind::hangup())?,
+            quit: reg(SignalKind::quit())?,
+            winch: reg(SignalKind::window_change())?,
+        })
+    }
+
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            Some(()) = self.int.recv() => Sig::Stop(2),
+            Some(()) = self.term.recv() => Sig::Stop(15),
+            Some(()) = self.hup.recv() => Sig::Stop(1),
+            Some(()) = self.quit.recv() => Sig::Stop(3),
+            Some(()) = self.winch.recv() => Sig::Winch,
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Our terminal in raw mode while a remote terminal takes the keys; restored on drop.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// None when stdin is not a terminal (then there is nothing to switch).
+    fn enter() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+/// The size of our terminal (`stty size` on our stdin: no ioctl, so no unsafe), else 24x80.
+fn terminal_size() -> PtySize {
+    let fallback = PtySize { rows: 24, cols: 80 };
+    if !std::io::stdin().is_terminal() {
+        return fallback;
+    }
+    let Ok(out) = std::process::Command::new("stty")
+        .arg("size")
+        .stdin(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return fallback;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(rows)), Some(Ok(cols))) if rows > 0 && cols > 0 => PtySize { rows, cols },
+        _ => fallback,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// logs, secrets, volumes, files, version
+
+/// The entrypoint's output: all of it so far, or (`follow`) until it ends.
+///
+/// The client library's readers always follow, so without `follow`: a finished sandbox's
+/// output is read to its end (which is then near), a running one's until no byte came for
+/// [`LOGS_QUIET`] (the readers are cancel-safe: stopping loses nothing we printed).
+async fn logs(sb: &Sandbox, follow: bool) -> Result<(), CliError> {
+    let (out, err) = (sb.stdout(), sb.stderr());
+    if follow || sb.poll().await?.is_some() {
+        tokio::try_join!(copy_out(&out, Out::Stdout), copy_out(&err, Out::Stderr))?;
+        return Ok(());
+    }
+    tokio::try_join!(
+        copy_available(&out, Out::Stdout),
+        copy_available(&err, Out::Stderr)
+    )?;
+    Ok(())
+}
+
+/// How long `logs` without -f waits for more output from a running sandbox before it stops.
+const LOGS_QUIET: Duration = Duration::from_millis(200);
+
+/// What a stream holds now: chunks until EOF or until none arrives for [`LOGS_QUIET`].
+async fn copy_available(r: &StreamReader, to: Out) -> Result<(), CliError> {
+    loop {
+        match tokio::time::timeout(LOGS_QUIET, r.next_chunk()).await {
+            Err(_elapsed) => return Ok(()),
+            Ok(chunk) => match chunk? {
+                None => return Ok(()),
+                Some(c) => match to {
+                    Out::Stdout => write_stdout(&c)?,
+                    Out::Stderr => write_stderr(&c)?,
+                },
+            },
+        }
+    }
+}
+
+async fn secret(client: &Client, g: &Global, c: SecretCmd) -> Result<u8, CliError> {
+    match c {
+        SecretCmd::Create {
+            overwrite,
+            name,
+            env,
+        } => {
+            let info = client
+                .create_secret(api::CreateSecret {
+                    name,
+                    env: env.into_iter().collect(),
+                    overwrite,
+                })
+                .await?;
+            if g.json {
+                print_json(&info)?;
+            }
+        }
+        SecretCmd::Ls => {
+            let list = client.list_secrets().await?;
+            if g.json {
+                print_json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|s| vec![s.name.clone(), s.keys.join(","), utc(s.created_at)]);
+                print_table(&["NAME", "KEYS", "CREATED"], rows)?;
+            }
+        }
+        SecretCmd::Rm { name } => {
+            client.delete_secret(&name).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "removed": name }))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn volume(client: &Client, g: &Global, c: VolumeCmd) -> Result<u8, CliError> {
+    match c {
+        VolumeCmd::Ls => {
+            let list = client.list_volumes().await?;
+            if g.json {
+                print_json(&list)?;
+            } else {
+                let rows = list.iter().map(|v| {
+                    let users = if v.in_use_by.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.in_use_by.join(",")
+                    };
+                    vec![v.name.clone(), utc(v.created_at), users]
+                });
+                print_table(&["NAME", "CREATED", "IN_USE_BY"], rows)?;
+            }
+        }
+        VolumeCmd::Rm { name } => {
+            client.delete_volume(&name).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "removed": name }))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn fs(client: &Client, g: &Global, c: FsCmd) -> Result<u8, CliError> {
+    let p = match &c {
+        FsCmd::Read(p) | FsCmd::Write(p) | FsCmd::Ls(p) | FsCmd::Stat(p) => p,
+        FsCmd::Mkdir { path, .. } | FsCmd::Rm { path, .. } => path,
+    };
+    let sb = resolve(client, &p.target, false).await?;
+    let files = sb.filesystem();
+    let path = p.path.as_str();
+    match &c {
+        FsCmd::Read(_) => {
+            let data = files.read_bytes(path).await?;
+            write_stdout(&data)?;
+        }
+        FsCmd::Write(_) => {
+            let mut data = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut data)
+                .map_err(CliError::io("reading stdin"))?;
+            let len = data.len();
+            files.write_bytes(path, data).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "path": path, "size": len }))?;
+            }
+        }
+        FsCmd::Ls(_) => {
+            let list = files.list_files(path).await?;
+            if g.json {
+                print_json(&list)?;
+            } else {
+                let mut out = String::new();
+                for f in &list {
+                    out.push_str(&file_line(f));
+                    out.push('\n');
+                }
+                write_stdout(out.as_bytes())?;
+            }
+        }
+        FsCmd::Stat(_) => {
+            let f = files.stat(path).await?;
+            if g.json {
+                print_json(&f)?;
+            } else {
+                let mut out = format!(
+                    "path: {}\ntype: {}\nsize: {}\nmode: {:04o} ({})\nowner: {}\ngroup: {}\nmodified: {}\n",
+                    f.path,
+                    file_type(f.file_type),
+                    f.size,
+                    f.mode,
+                    f.permissions,
+                    f.owner,
+                    f.group,
+                    utc(f.modified_time)
+                );
+                if let Some(t) = &f.symlink_target {
+                    out.push_str(&format!("target: {t}\n"));
+                }
+                write_stdout(out.as_bytes())?;
+            }
+        }
+        FsCmd::Mkdir { parents, .. } => {
+            files.make_directory(path, *parents).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "path": path }))?;
+            }
+        }
+        FsCmd::Rm { recursive, .. } => {
+            files.remove(path, *recursive).await?;
+            if g.json {
+                print_json(&serde_json::json!({ "removed": path }))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn file_type(t: FileType) -> &'static str {
+    match t {
+        FileType::File => "file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symlink",
+        FileType::Other => "other",
+    }
+}
+
+/// One `ls -l`-like line: `drwxr-xr-x  0 0       4096 2024-05-01T12:00:00Z name -> target`.
+fn file_line(f: &FileInfo) -> String {
+    let kind = match f.file_type {
+        FileType::File => '-',
+        FileType::Directory => 'd',
+        FileType::Symlink => 'l',
+        FileType::Other => '?',
+    };
+    let mut line = format!(
+        "{kind}{} {:>5} {:>5} {:>10} {} {}",
+        f.permissions,
+        f.owner,
+        f.group,
+        f.size,
+        utc(f.modified_time),
+        f.name
+    );
+    if let Some(t) = &f.symlink_target {
+        line.push_str(" -> ");
+        line.push_str(t);
+    }
+    line
+}
+
+async fn version(g: &Global) -> Result<u8, CliError> {
+    let cli = env!("CARGO_PKG_VERSION");
+    // Never starts a daemon: it reports the one that answers, if any.
+    let daemon = if probe_socket(&g.socket).is_ok() {
+        match Client::connect_to(&g.socket).await {
+            Ok(c) => c.version().await.ok(),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    if g.json {
+        print_json(&serde_json::json!({ "cli": cli, "daemon": daemon }))?;
+    } else {
+        let mut out = format!("sbx {cli}\n");
+        match daemon {
+            Some(v) => out.push_str(&format!("sbxd {} (api {})\n", v.version, v.api)),
+            None => out.push_str(&format!("sbxd: none answers on {}\n", g.socket.display())),
+        }
+        write_stdout(out.as_bytes())?;
+    }
+    Ok(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output helpers
+
+fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string(v).expect("API types serialize");
+    write_stdout(format!("{text}\n").as_bytes())
+}
+
+fn print_returncode(g: &Global, id: &str, rc: Option<i32>) -> Result<(), CliError> {
+    if g.json {
+        print_json(&serde_json::json!({ "id": id, "returncode": rc }))
+    } else if let Some(rc) = rc {
+        write_stdout(format!("{rc}\n").as_bytes())
+    } else {
+        Ok(())
+    }
+}
+
+fn join_tags(tags: &BTreeMap<String, String>) -> String {
+    if tags.is_empty() {
+        return "-".into();
+    }
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<(), CliError> {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
+        .chain(rows)
+        .collect();
+    let mut widths = vec![0; header.len()];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(&widths).enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    write_stdout(out.as_bytes())
+}
+
+/// Unix seconds as `2024-05-01T12:34:56Z`.
+fn utc(ts: f64) -> String {
+    let secs = ts.floor() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m as u32, d as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(10));
+        assert_eq!(parse_duration("10s"), Ok(10));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        for bad in ["", "5x", "m", "-1", "+5", "1.5s", "s10"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn volumes_and_pairs() {
+        let v = parse_volume("data:/data:ro").unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.path.as_str(), v.read_only),
+            ("data", "/data", true)
+        );
+        let v = parse_volume("data:/mnt/x").unwrap();
+        assert_eq!((v.path.as_str(), v.read_only), ("/mnt/x", false));
+        for bad in ["data", "data:rel", "data:/", "a/b:/x", ":/x"] {
+            assert!(parse_volume(bad).unwrap_err().contains(bad), "{bad}");
+        }
+        assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_kv("NOEQUALS").unwrap_err().contains("NOEQUALS"));
+        assert!(parse_kv("=v").is_err());
+        assert!(parse_env("1X=y").unwrap_err().contains("1X"));
+        assert_eq!(
+            parse_target("sb-0123456789abcdefABCDEF"),
+            Ok(Target::Id("sb-0123456789abcdefABCDEF".into()))
+        );
+        assert_eq!(parse_target("web"), Ok(Target::Name("web".into())));
+        assert!(parse_target("a/b").unwrap_err().contains("a/b"));
+    }
+
+    #[test]
+    fn words() {
+        assert_eq!(
+            parse_words(r#"sh -c 'test -f /tmp/x' "a \"b\"" c\ d"#)
+                .unwrap()
+                .0,
+            vec!["sh", "-c", "test -f /tmp/x", "a \"b\"", "c d"]
+        );
+        assert!(parse_words("'open").is_err());
+        assert!(parse_words("   ").is_err());
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(utc(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400.5), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_700_000_000.0), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn every_command_has_an_about_and_an_example() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                assert!(sub.get_about().is_some(), "{path} has no about line");
+                if sub.get_subcommands().next().is_none() {
+                    let after = sub
+                        .get_after_help()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    assert!(after.contains("Example"), "{path} has no example");
+                }
+                walk(sub, &path);
+            }
+        }
+        Cli::command().debug_assert();
+        walk(&Cli::command(), "sbx");
+    }
 }

@@ -1,2 +1,1577 @@
-//! sbxd: the HTTP server over a Unix socket, the sandbox registry and supervisor. The next
-//! milestone (issue 3) builds it on [`crate::runtime`].
+//! sbxd: the HTTP server over a Unix socket ([`server`]), the sandbox registry and supervisor
+//! (this module), the SQLite store ([`store`]) and output spools ([`output`]).
+//!
+//! Each sandbox has a supervisor task: it starts the sandbox (the runtime's spawn runs on a
+//! blocking thread), records the lifecycle events, fires the lifetime and idle timeouts, runs
+//! the readiness probe, and on the end records the reason and tears the sandbox down. Output
+//! of the entrypoint and of every exec is spooled to files under `<state>/output/<id>/` and
+//! read back by offset; metadata lives in `<state>/sbx.db`.
+
+pub mod fs;
+pub mod output;
+pub mod server;
+pub mod store;
+
+use crate::api::{
+    self, ApiError, CreateSandbox, EndReason, ErrorCode, Event, EventKind, ExecInfo, ExecRequest,
+    ExecStatus, SandboxStatus, SecretSource, StreamMode,
+};
+use crate::runtime::{self, ExecSpec, RuntimeConfig, Stdio};
+pub(crate) use fs::fs_routes;
+use output::{Spool, Stdin};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::Store;
+use tokio::sync::watch;
+
+/// Where sbxd listens and keeps its state.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: PathBuf::from(api::DEFAULT_SOCKET),
+            state_dir: PathBuf::from("/var/lib/sbx"),
+            run_dir: PathBuf::from("/run/sbx"),
+        }
+    }
+}
+
+pub(crate) fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn internal(what: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Internal, what.to_string())
+}
+
+/// `prefix` + `n` random base62 characters.
+fn random_id(prefix: &str, n: usize) -> String {
+    use std::io::Read;
+    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut raw = vec![0u8; n * 2];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut raw);
+    }
+    let mut s = String::from(prefix);
+    // Rejection sampling keeps the characters uniform (248 = 4 × 62).
+    let mut it = raw.into_iter().filter(|b| *b < 248);
+    while s.len() < prefix.len() + n {
+        match it.next() {
+            Some(b) => s.push(B62[(b % 62) as usize] as char),
+            None => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                s.push(B62[(t % 62) as usize] as char)
+            }
+        }
+    }
+    s
+}
+
+/// Latency histogram for /metrics (seconds).
+pub(crate) struct Histogram {
+    buckets: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: LATENCY_BUCKETS,
+            counts: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (b, c) in self.buckets.iter().zip(&self.counts) {
+            if s <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.buckets.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let n = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {n}");
+    }
+}
+
+/// The daemon: configuration, store and the live sandboxes.
+pub struct Daemon {
+    pub cfg: DaemonConfig,
+    rt: RuntimeConfig,
+    pub(crate) store: Store,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    pub(crate) create_latency: Histogram,
+    pub(crate) exec_latency: Histogram,
+    pub(crate) cgroup_version: String,
+}
+
+/// What a watcher sees of a sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LiveState {
+    pub status: SandboxStatus,
+    pub ready_at: Option<f64>,
+    pub returncode: Option<i32>,
+    pub end_reason: Option<EndReason>,
+    /// Events recorded so far (the last seq).
+    pub events: u64,
+}
+
+/// A sandbox sbxd supervises (pending, running, or finished but still draining).
+pub(crate) struct Live {
+    pub id: String,
+    pub config: CreateSandbox,
+    /// The env every process gets (secrets, then env), resolved at create.
+    env: BTreeMap<String, String>,
+    pub volumes: Vec<String>,
+    pub state: watch::Sender<LiveState>,
+    /// The first reason asked for ends it (terminate, timeout, idle).
+    end_req: watch::Sender<Option<EndReason>>,
+    sandbox: Mutex<Option<Arc<runtime::Sandbox>>>,
+    pub entry_stdout: Mutex<Arc<Spool>>,
+    pub entry_stderr: Mutex<Arc<Spool>>,
+    pub entry_stdin: Mutex<Arc<Stdin>>,
+    execs: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Arc<ExecLive>, ApiError>>>>>,
+    active_execs: AtomicU64,
+    last_activity: Mutex<Instant>,
+    activity: tokio::sync::Notify,
+}
+
+impl Live {
+    pub(crate) fn touch(&self) {
+        *lock(&self.last_activity) = Instant::now();
+        self.activity.notify_waiters();
+    }
+
+    pub(crate) fn sandbox(&self) -> Option<Arc<runtime::Sandbox>> {
+        lock(&self.sandbox).clone()
+    }
+
+    fn request_end(&self, reason: EndReason) {
+        self.end_req.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// A running (or recently finished) exec.
+pub(crate) struct ExecLive {
+    pub info: watch::Sender<ExecInfo>,
+    pub stdout: Arc<Spool>,
+    pub stderr: Arc<Spool>,
+    pub stdin: Stdin,
+    process: Arc<std::sync::RwLock<runtime::Process>>,
+}
+
+impl ExecLive {
+    pub(crate) fn signal(&self, sig: i32) -> Result<(), ApiError> {
+        self.process
+            .read()
+            .unwrap_or_else(|x| x.into_inner())
+            .signal(sig)
+            .map_err(|e| ApiError::new(ErrorCode::Conflict, format!("signal {sig}: {e}")))
+    }
+
+    pub(crate) fn resize(&self, rows: u16, cols: u16) -> Result<(), ApiError> {
+        self.process
+            .read()
+            .unwrap_or_else(|x| x.into_inner())
+            .resize(rows, cols)
+            .map_err(|e| ApiError::new(ErrorCode::Invalid, e.to_string()))
+    }
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), ApiError> {
+    if api::valid_name(v) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("{v:?}"),
+            "must match ^[A-Za-z0-9._-]+$ and be shorter than 64 characters",
+        ))
+    }
+}
+
+fn check_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in env {
+        if !api::valid_env_key(k) {
+            return Err(ApiError::invalid(
+                field,
+                format!("{k:?}"),
+                "keys must match ^[A-Za-z_][A-Za-z0-9_]*$",
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ApiError::invalid(
+                field,
+                format!("{k}"),
+                "values must not contain NUL bytes",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_argv(field: &str, argv: &[String], required: bool) -> Result<(), ApiError> {
+    if required && argv.is_empty() {
+        return Err(ApiError::invalid(field, "[]", "must name a program"));
+    }
+    if let Some(a) = argv.iter().find(|a| a.contains('\0')) {
+        return Err(ApiError::invalid(field, format!("{a:?}"), "NUL byte"));
+    }
+    let total: usize = argv.iter().map(|a| a.len()).sum();
+    if total > 65536 {
+        return Err(ApiError::invalid(
+            field,
+            format!("({total} bytes)"),
+            "the arguments may total at most 65536 bytes (ARG_MAX)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_workdir(field: &str, w: &Option<String>) -> Result<(), ApiError> {
+    if let Some(w) = w {
+        if !w.starts_with('/') || w.contains('\0') {
+            return Err(ApiError::invalid(
+                field,
+                format!("{w:?}"),
+                "must be an absolute path",
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Daemon {
+    /// Open the store, sweep what a previous sbxd left, and get ready to serve.
+    pub fn open(cfg: DaemonConfig) -> Result<Arc<Daemon>, String> {
+        for d in [&cfg.state_dir, &cfg.run_dir] {
+            std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        }
+        for d in ["output", "volumes", "secrets"] {
+            let p = cfg.state_dir.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            cfg.state_dir.join("secrets"),
+            std::fs::Permissions::from_mode(0o700),
+        );
+        let mut rt = RuntimeConfig::from_env();
+        rt.state_dir = cfg.state_dir.clone();
+        rt.run_dir = cfg.run_dir.clone();
+        rt.background_cleanup = true;
+        let store = Store::open(&cfg.state_dir.join("sbx.db")).map_err(|e| e.to_string())?;
+        let cgroup_version = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            "v2"
+        } else {
+            "v1"
+        }
+        .to_string();
+        let d = Arc::new(Daemon {
+            cfg,
+            rt,
+            store,
+            live: Mutex::new(HashMap::new()),
+            create_latency: Histogram::new(),
+            exec_latency: Histogram::new(),
+            cgroup_version,
+        });
+        d.sweep();
+        Ok(d)
+    }
+
+    /// A previous sbxd that died left sandboxes: adoption across restarts is not built yet,
+    /// so they are torn down and recorded as ended by an error.
+    fn sweep(&self) {
+        for id in runtime::Sandbox::list(&self.rt) {
+            tracing::warn!(sandbox = %id, "removing a sandbox left by a previous sbxd");
+            if let Err(e) = runtime::Sandbox::remove_leftover(&self.rt, &id) {
+                tracing::error!(sandbox = %id, error = %e, "could not remove leftover sandbox");
+            }
+        }
+        if let Ok(ids) = self.store.unfinished() {
+            for id in ids {
+                let at = now();
+                let _ = self.store.add_event(
+                    &id,
+                    &Event {
+                        seq: 0,
+                        kind: EventKind::Finished,
+                        at,
+                        reason: Some(EndReason::Error),
+                        returncode: Some(1),
+                        message: Some("sbxd restarted and the sandbox was lost".into()),
+                    },
+                );
+                let _ = self.store.end_running_execs(&id, at);
+            }
+        }
+    }
+
+    pub(crate) fn live(&self, id: &str) -> Option<Arc<Live>> {
+        lock(&self.live).get(id).cloned()
+    }
+
+    pub(crate) fn running_count(&self) -> u64 {
+        lock(&self.live)
+            .values()
+            .filter(|l| l.state.borrow().status != SandboxStatus::Finished)
+            .count() as u64
+    }
+
+    fn output_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("output").join(id)
+    }
+
+    fn secret_path(&self, name: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("secrets")
+            .join(format!("{name}.json"))
+    }
+
+    pub(crate) fn volume_path(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("volumes").join(name)
+    }
+
+    /// Resolve secret sources (in order) into env.
+    fn resolve_secrets(
+        &self,
+        sources: &[SecretSource],
+        into: &mut BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        for s in sources {
+            match s {
+                SecretSource::Inline(m) => {
+                    check_env("secrets", m)?;
+                    into.extend(m.clone());
+                }
+                SecretSource::Named(name) => {
+                    check_name("secret", name)?;
+                    let p = self.secret_path(name);
+                    let text = std::fs::read(&p).map_err(|_| {
+                        ApiError::new(ErrorCode::NotFound, format!("no secret named {name:?}"))
+                    })?;
+                    let m: BTreeMap<String, String> = serde_json::from_slice(&text)
+                        .map_err(|e| internal(format!("secret {name:?} is unreadable: {e}")))?;
+                    into.extend(m);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn create_secret(
+        &self,
+        req: api::CreateSecret,
+    ) -> Result<api::SecretInfo, ApiError> {
+        check_name("name", &req.name)?;
+        check_env("env", &req.env)?;
+        let info = api::SecretInfo {
+            name: req.name.clone(),
+            keys: req.env.keys().cloned().collect(),
+            created_at: now(),
+        };
+        self.store.put_secret(&info, req.overwrite)?;
+        let body = serde_json::to_vec(&req.env).map_err(internal)?;
+        if let Err(e) = runtime::proto::write_atomic(&self.secret_path(&req.name), &body) {
+            let _ = self.store.delete_secret(&req.name);
+            return Err(internal(format!("store secret {:?}: {e}", req.name)));
+        }
+        Ok(info)
+    }
+
+    pub(crate) fn delete_secret(&self, name: &str) -> Result<(), ApiError> {
+        check_name("name", name)?;
+        if !self.store.delete_secret(name)? {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no secret named {name:?}"),
+            ));
+        }
+        let _ = std::fs::remove_file(self.secret_path(name));
+        Ok(())
+    }
+
+    pub(crate) fn volumes(&self) -> Result<Vec<api::VolumeInfo>, ApiError> {
+        let live: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
+        Ok(self
+            .store
+            .volumes()?
+            .into_iter()
+            .map(|(name, created_at)| api::VolumeInfo {
+                in_use_by: live
+                    .iter()
+                    .filter(|l| {
+                        l.state.borrow().status != SandboxStatus::Finished
+                            && l.volumes.contains(&name)
+                    })
+                    .map(|l| l.id.clone())
+                    .collect(),
+                name,
+                created_at,
+            })
+            .collect())
+    }
+
+    pub(crate) fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
+        check_name("name", name)?;
+        let users: Vec<String> = lock(&self.live)
+            .values()
+            .filter(|l| {
+                l.state.borrow().status != SandboxStatus::Finished
+                    && l.volumes.iter().any(|v| v == name)
+            })
+            .map(|l| l.id.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name:?} is mounted by running sandbox(es) {}",
+                    users.join(", ")
+                ),
+            ));
+        }
+        let known = self.store.delete_volume(name)?;
+        let p = self.volume_path(name);
+        let existed = p.exists();
+        if existed {
+            std::fs::remove_dir_all(&p)
+                .map_err(|e| internal(format!("remove volume {}: {e}", p.display())))?;
+        }
+        if !known && !existed {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no volume named {name:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validate a create request and start the sandbox (asynchronously).
+    pub(crate) fn create(self: &Arc<Self>, mut req: CreateSandbox) -> Result<String, ApiError> {
+        let app = req.app.clone().unwrap_or_else(|| api::DEFAULT_APP.into());
+        check_name("app", &app)?;
+        if let Some(n) = &req.name {
+            check_name("name", n)?;
+            if n.len() == 25 && n.starts_with("sb-") && api::is_sandbox_id(n) {
+                return Err(ApiError::invalid(
+                    "name",
+                    format!("{n:?}"),
+                    "must not look like a sandbox id",
+                ));
+            }
+        }
+        let image: runtime::ImageRef = req
+            .image
+            .clone()
+            .unwrap_or_else(|| "host".into())
+            .parse()
+            .map_err(|e| {
+            ApiError::invalid(
+                "image",
+                format!("{:?}", req.image.clone().unwrap_or_default()),
+                &format!("{e}"),
+            )
+        })?;
+        check_argv("entrypoint", &req.entrypoint, false)?;
+        let timeout = req.timeout_secs.unwrap_or(api::DEFAULT_TIMEOUT_SECS);
+        if timeout == 0 || timeout > api::MAX_TIMEOUT_SECS {
+            return Err(ApiError::invalid(
+                "timeout_secs",
+                timeout,
+                "must be 1..=86400 seconds (24 h)",
+            ));
+        }
+        if let Some(i) = req.idle_timeout_secs {
+            if i == 0 || i > api::MAX_TIMEOUT_SECS {
+                return Err(ApiError::invalid(
+                    "idle_timeout_secs",
+                    i,
+                    "must be 1..=86400 seconds",
+                ));
+            }
+        }
+        check_workdir("workdir", &req.workdir)?;
+        check_env("env", &req.env)?;
+        for (k, v) in &req.tags {
+            if k.is_empty() || k.len() > 256 || v.len() > 1024 {
+                return Err(ApiError::invalid(
+                    "tags",
+                    format!("{k:?}"),
+                    "keys must be 1..=256 bytes and values at most 1024",
+                ));
+            }
+        }
+        if let Some(c) = req.cpu {
+            if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
+                return Err(ApiError::invalid(
+                    "cpu",
+                    c,
+                    "must be a positive number of cores",
+                ));
+            }
+        }
+        if let Some(m) = req.memory_mib {
+            if m == 0 || m > (1 << 30) {
+                return Err(ApiError::invalid("memory_mib", m, "must be at least 1 MiB"));
+            }
+        }
+        if let Some(p) = req.pids {
+            if p == 0 {
+                return Err(ApiError::invalid("pids", p, "must be at least 1"));
+            }
+        }
+        if let Some(p) = &req.readiness_probe {
+            match (&p.tcp_port, &p.exec_argv) {
+                (Some(0), _) => {
+                    return Err(ApiError::invalid(
+                        "readiness_probe.tcp_port",
+                        0,
+                        "must be 1..=65535",
+                    ))
+                }
+                (Some(_), None) => {}
+                (None, Some(argv)) => check_argv("readiness_probe.exec_argv", argv, true)?,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "readiness_probe",
+                        serde_json::to_string(p).unwrap_or_default(),
+                        "exactly one of tcp_port and exec_argv",
+                    ))
+                }
+            }
+            if p.interval_ms == Some(0) {
+                return Err(ApiError::invalid(
+                    "readiness_probe.interval_ms",
+                    0,
+                    "must be > 0",
+                ));
+            }
+        }
+        let seccomp = match req.seccomp.as_deref() {
+            None | Some("default") => runtime::SeccompProfile::Default,
+            Some("unconfined") => runtime::SeccompProfile::Unconfined,
+            Some(p) if p.starts_with('/') => runtime::SeccompProfile::File(p.into()),
+            Some(p) => {
+                return Err(ApiError::invalid(
+                    "seccomp",
+                    format!("{p:?}"),
+                    "must be default, unconfined or an absolute path to an OCI seccomp profile",
+                ))
+            }
+        };
+        if let Some(pty) = &req.pty {
+            if pty.rows == 0 || pty.cols == 0 {
+                return Err(ApiError::invalid(
+                    "pty",
+                    format!("{}x{}", pty.rows, pty.cols),
+                    "rows and cols must be > 0",
+                ));
+            }
+        }
+        let mut mounts = Vec::new();
+        let mut seen_paths = std::collections::HashSet::new();
+        for v in &req.volumes {
+            check_name("volumes.name", &v.name)?;
+            if !v.path.starts_with('/')
+                || v.path == "/"
+                || v.path.split('/').any(|c| c == "..")
+                || v.path.contains('\0')
+            {
+                return Err(ApiError::invalid(
+                    "volumes.path",
+                    format!("{:?}", v.path),
+                    "must be an absolute path other than / without ..",
+                ));
+            }
+            if !seen_paths.insert(v.path.trim_end_matches('/').to_string()) {
+                return Err(ApiError::invalid(
+                    "volumes.path",
+                    format!("{:?}", v.path),
+                    "two volumes at one path",
+                ));
+            }
+            mounts.push(runtime::BindMount {
+                source: self.volume_path(&v.name),
+                target: v.path.clone(),
+                read_only: v.read_only,
+            });
+        }
+        let mut env = BTreeMap::new();
+        self.resolve_secrets(&req.secrets, &mut env)?;
+        env.extend(req.env.clone());
+
+        // Volumes are created on first use, owned by the canonical sandbox root (uid 0).
+        for v in &req.volumes {
+            let p = self.volume_path(&v.name);
+            if !p.exists() {
+                std::fs::create_dir_all(&p)
+                    .map_err(|e| internal(format!("create volume {}: {e}", p.display())))?;
+            }
+            self.store.touch_volume(&v.name, now())?;
+        }
+
+        let id = random_id("sb-", api::SANDBOX_ID_CHARS);
+        req.app = Some(app.clone());
+        req.timeout_secs = Some(timeout);
+        // Keep secret values out of the stored config.
+        let mut shown = req.clone();
+        shown.secrets = req
+            .secrets
+            .iter()
+            .map(|s| match s {
+                SecretSource::Named(n) => SecretSource::Named(n.clone()),
+                SecretSource::Inline(m) => {
+                    SecretSource::Inline(m.keys().map(|k| (k.clone(), "***".to_string())).collect())
+                }
+            })
+            .collect();
+        let created_at = now();
+        self.store.insert_sandbox(&store::NewSandbox {
+            id: &id,
+            app: &app,
+            name: req.name.as_deref(),
+            tags: &req.tags,
+            config: &shown,
+            created_at,
+        })?;
+        let live = Arc::new(Live {
+            id: id.clone(),
+            volumes: req.volumes.iter().map(|v| v.name.clone()).collect(),
+            config: req,
+            env,
+            state: watch::Sender::new(LiveState {
+                status: SandboxStatus::Pending,
+                ready_at: None,
+                returncode: None,
+                end_reason: None,
+                events: 1,
+            }),
+            end_req: watch::Sender::new(None),
+            sandbox: Mutex::new(None),
+            entry_stdout: Mutex::new(Spool::pending(
+                self.output_dir(&id).join("entrypoint.stdout"),
+            )),
+            entry_stderr: Mutex::new(Spool::pending(
+                self.output_dir(&id).join("entrypoint.stderr"),
+            )),
+            entry_stdin: Mutex::new(Arc::new(Stdin::none())),
+            execs: Mutex::new(HashMap::new()),
+            active_execs: AtomicU64::new(0),
+            last_activity: Mutex::new(Instant::now()),
+            activity: tokio::sync::Notify::new(),
+        });
+        lock(&self.live).insert(id.clone(), live.clone());
+        let spec = runtime::SandboxSpec {
+            id: Some(id.clone()),
+            image,
+            hostname: None,
+            limits: runtime::Limits {
+                memory_bytes: live.config.memory_mib.map(|m| m << 20),
+                cpu_cores: live.config.cpu,
+                pids_max: live.config.pids,
+                ..Default::default()
+            },
+            seccomp,
+            entrypoint: None,
+            mounts,
+        };
+        let d = self.clone();
+        let t0 = Instant::now();
+        tokio::spawn(async move { d.supervise(live, spec, t0).await });
+        Ok(id)
+    }
+
+    fn event(
+        &self,
+        live: &Live,
+        kind: EventKind,
+        reason: Option<EndReason>,
+        rc: Option<i32>,
+        msg: Option<String>,
+    ) -> f64 {
+        let at = now();
+        let ev = Event {
+            seq: 0,
+            kind,
+            at,
+            reason,
+            returncode: rc,
+            message: msg,
+        };
+        match self.store.add_event(&live.id, &ev) {
+            Ok(seq) => {
+                live.state.send_modify(|s| s.events = seq);
+            }
+            Err(e) => tracing::error!(sandbox = %live.id, error = %e, "could not record an event"),
+        }
+        at
+    }
+
+    fn process_env(&self, live: &Live, extra: &BTreeMap<String, String>) -> Vec<(String, String)> {
+        let mut env = live.env.clone();
+        env.extend(extra.clone());
+        env.into_iter().collect()
+    }
+
+    async fn supervise(
+        self: Arc<Self>,
+        live: Arc<Live>,
+        mut spec: runtime::SandboxSpec,
+        t0: Instant,
+    ) {
+        self.event(&live, EventKind::Scheduled, None, None, None);
+        let out_dir = self.output_dir(&live.id);
+        if let Err(e) = std::fs::create_dir_all(&out_dir) {
+            self.finish(
+                &live,
+                EndReason::Error,
+                1,
+                Some(format!("create {}: {e}", out_dir.display())),
+            )
+            .await;
+            return;
+        }
+        if !live.config.entrypoint.is_empty() {
+            spec.entrypoint = Some(ExecSpec {
+                argv: live.config.entrypoint.clone(),
+                env: self.process_env(&live, &BTreeMap::new()),
+                cwd: live.config.workdir.clone(),
+                stdin: if live.config.stdin {
+                    Stdio::Pipe
+                } else {
+                    Stdio::Null
+                },
+                pty: live.config.pty.map(|p| runtime::PtySize {
+                    rows: p.rows,
+                    cols: p.cols,
+                }),
+                ..Default::default()
+            });
+        }
+        let rt = self.rt.clone();
+        let spawned = tokio::task::spawn_blocking(move || runtime::Sandbox::spawn(&rt, spec)).await;
+        let sb = match spawned {
+            Ok(Ok(sb)) => Arc::new(sb),
+            Ok(Err(e)) => {
+                self.finish(
+                    &live,
+                    EndReason::Error,
+                    1,
+                    Some(format!("start failed: {e}")),
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                self.finish(
+                    &live,
+                    EndReason::Error,
+                    1,
+                    Some(format!("start panicked: {e}")),
+                )
+                .await;
+                return;
+            }
+        };
+        let entry_out = lock(&live.entry_stdout).clone();
+        let entry_err = lock(&live.entry_stderr).clone();
+        if let Some(mut p) = sb.take_entrypoint() {
+            let pumped = (|| -> Result<(), ApiError> {
+                if let Some(m) = p.pty.take() {
+                    let w = m.try_clone().map_err(internal)?;
+                    entry_out.attach(m)?;
+                    entry_err.close();
+                    if live.config.stdin {
+                        *lock(&live.entry_stdin) = Arc::new(Stdin::new(w)?);
+                    }
+                } else {
+                    match p.stdout.take() {
+                        Some(o) => entry_out.attach(o)?,
+                        None => entry_out.close(),
+                    }
+                    match p.stderr.take() {
+                        Some(e) => entry_err.attach(e)?,
+                        None => entry_err.close(),
+                    }
+                    if let Some(i) = p.stdin.take() {
+                        *lock(&live.entry_stdin) = Arc::new(Stdin::new(i)?);
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = pumped {
+                tracing::error!(sandbox = %live.id, error = %e, "entrypoint output");
+                entry_out.close();
+                entry_err.close();
+            }
+            // Keep the process (its exit report feeds the sandbox's OOM attribution).
+            let pr = Arc::new(Mutex::new(p));
+            let pr2 = pr.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = lock(&pr2).wait();
+            });
+        } else {
+            entry_out.close();
+            entry_err.close();
+        }
+        *lock(&live.sandbox) = Some(sb.clone());
+        self.create_latency.observe(t0.elapsed());
+        self.event(&live, EventKind::Started, None, None, None);
+        live.touch();
+        live.state
+            .send_modify(|s| s.status = SandboxStatus::Running);
+        tracing::info!(sandbox = %live.id, ms = t0.elapsed().as_secs_f64() * 1e3, "started");
+
+        if let Some(p) = live.config.readiness_probe.clone() {
+            let d = self.clone();
+            let l = live.clone();
+            let s = sb.clone();
+            tokio::spawn(async move { d.probe(l, s, p).await });
+        }
+
+        let sbw = sb.clone();
+        let mut waited = tokio::task::spawn_blocking(move || sbw.wait());
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(
+                live.config
+                    .timeout_secs
+                    .unwrap_or(api::DEFAULT_TIMEOUT_SECS),
+            );
+        let mut end_rx = live.end_req.subscribe();
+        let idle = live.config.idle_timeout_secs.map(Duration::from_secs);
+        let mut requested: Option<EndReason> = None;
+        let exit = loop {
+            let idle_at =
+                idle.map(|i| tokio::time::Instant::from_std(*lock(&live.last_activity) + i));
+            tokio::select! {
+                r = &mut waited => break r,
+                _ = tokio::time::sleep_until(deadline), if requested.is_none() => {
+                    live.request_end(EndReason::Timeout);
+                }
+                r = end_rx.changed(), if requested.is_none() => {
+                    if r.is_err() { continue; }
+                    let reason = *end_rx.borrow_and_update();
+                    if let Some(reason) = reason {
+                        requested = Some(reason);
+                        let s = sb.clone();
+                        let _ = tokio::task::spawn_blocking(move || s.kill()).await;
+                    }
+                }
+                _ = async {
+                    match idle_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                }, if requested.is_none() => {
+                    if live.active_execs.load(Ordering::SeqCst) == 0
+                        && lock(&live.last_activity).elapsed() >= idle.unwrap_or_default()
+                    {
+                        live.request_end(EndReason::IdleTimeout);
+                    }
+                }
+                _ = live.activity.notified(), if idle.is_some() && requested.is_none() => {}
+            }
+        };
+        let (reason, rc, msg) = match (requested, exit) {
+            (Some(EndReason::Timeout), _) => (EndReason::Timeout, 124, None),
+            (Some(EndReason::IdleTimeout), _) => (EndReason::IdleTimeout, 0, None),
+            (Some(r), _) => (r, 137, None),
+            (None, Ok(Ok(e))) if e.oom => (EndReason::Oom, e.code(), None),
+            (None, Ok(Ok(e))) => (EndReason::Exited, e.code(), None),
+            (None, Ok(Err(e))) => (EndReason::Error, 1, Some(format!("wait failed: {e}"))),
+            (None, Err(e)) => (EndReason::Error, 1, Some(format!("wait panicked: {e}"))),
+        };
+        self.finish(&live, reason, rc, msg).await;
+    }
+
+    async fn finish(&self, live: &Arc<Live>, reason: EndReason, rc: i32, msg: Option<String>) {
+        if live.sandbox().is_none() {
+            // It never started: its entrypoint streams end empty.
+            lock(&live.entry_stdout).close();
+            lock(&live.entry_stderr).close();
+        }
+        if let Some(m) = &msg {
+            tracing::warn!(sandbox = %live.id, reason = reason.as_str(), message = %m, "finished");
+        } else {
+            tracing::info!(sandbox = %live.id, reason = reason.as_str(), returncode = rc, "finished");
+        }
+        let at = self.event(live, EventKind::Finished, Some(reason), Some(rc), msg);
+        let _ = at;
+        live.state.send_modify(|s| {
+            s.status = SandboxStatus::Finished;
+            s.returncode = Some(rc);
+            s.end_reason = Some(reason);
+        });
+        // Tear down (the last holder of the runtime handle destroys it).
+        let sb = lock(&live.sandbox).take();
+        if let Some(sb) = sb {
+            let id = live.id.clone();
+            tokio::task::spawn_blocking(move || match Arc::try_unwrap(sb) {
+                Ok(sb) => {
+                    if let Err(e) = sb.destroy() {
+                        tracing::error!(sandbox = %id, error = %e, "teardown");
+                    }
+                }
+                Err(shared) => drop(shared),
+            });
+        }
+        // Exec records still running ended with the sandbox (their waiters record the exact
+        // status as the pipes close; this covers any that never will).
+        let d_live = live.clone();
+        let store_at = now();
+        let spools: Vec<Arc<Spool>> = {
+            let mut v = vec![
+                lock(&live.entry_stdout).clone(),
+                lock(&live.entry_stderr).clone(),
+            ];
+            for cell in lock(&live.execs).values() {
+                if let Some(Ok(e)) = cell.get() {
+                    v.push(e.stdout.clone());
+                    v.push(e.stderr.clone());
+                }
+            }
+            v
+        };
+        for s in spools {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.wait_eof()).await;
+        }
+        let _ = self.store.end_running_execs(&d_live.id, store_at);
+    }
+
+    async fn probe(self: Arc<Self>, live: Arc<Live>, sb: Arc<runtime::Sandbox>, p: api::Probe) {
+        let interval =
+            Duration::from_millis(p.interval_ms.unwrap_or(api::DEFAULT_PROBE_INTERVAL_MS));
+        let give_up = Instant::now() + Duration::from_secs(api::PROBE_DEADLINE_SECS);
+        let mut state = live.state.subscribe();
+        while Instant::now() < give_up {
+            if state.borrow_and_update().status == SandboxStatus::Finished {
+                return;
+            }
+            let s = sb.clone();
+            let ok = if let Some(port) = p.tcp_port {
+                tokio::task::spawn_blocking(move || {
+                    s.tcp_connect(port, Duration::from_millis(500)).is_ok()
+                })
+                .await
+                .unwrap_or(false)
+            } else if let Some(argv) = p.exec_argv.clone() {
+                let env = self.process_env(&live, &BTreeMap::new());
+                let cwd = live.config.workdir.clone();
+                tokio::task::spawn_blocking(move || {
+                    let spec = ExecSpec {
+                        argv,
+                        env,
+                        cwd,
+                        stdin: Stdio::Null,
+                        stdout: Stdio::Null,
+                        stderr: Stdio::Null,
+                        ..Default::default()
+                    };
+                    match s.exec(spec) {
+                        Ok(mut pr) => matches!(pr.wait(), Ok(e) if e.code() == 0),
+                        Err(_) => false,
+                    }
+                })
+                .await
+                .unwrap_or(false)
+            } else {
+                return;
+            };
+            if ok {
+                let at = self.event(&live, EventKind::Ready, None, None, None);
+                live.state.send_modify(|s| s.ready_at = Some(at));
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = state.changed() => {}
+            }
+        }
+        tracing::warn!(sandbox = %live.id, "readiness probe gave up after 5 minutes");
+    }
+
+    /// Wait (up to `timeout`) for a pending sandbox to start; the live handle if it runs.
+    pub(crate) async fn running(&self, id: &str, what: &str) -> Result<Arc<Live>, ApiError> {
+        let Some(live) = self.live(id) else {
+            self.store.sandbox(id)?;
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("sandbox {id} has finished: cannot {what}"),
+            ));
+        };
+        let mut rx = live.state.subscribe();
+        let st = rx
+            .wait_for(|s| s.status != SandboxStatus::Pending)
+            .await
+            .map(|s| s.status)
+            .unwrap_or(SandboxStatus::Finished);
+        if st == SandboxStatus::Finished {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("sandbox {id} has finished: cannot {what}"),
+            ));
+        }
+        Ok(live)
+    }
+
+    pub(crate) async fn terminate(
+        &self,
+        id: &str,
+        wait: bool,
+    ) -> Result<api::WaitResult, ApiError> {
+        if let Some(live) = self.live(id) {
+            live.request_end(EndReason::Terminated);
+            if wait {
+                return self.wait(id, api::MAX_LONG_POLL_SECS * 10.0).await;
+            }
+        }
+        self.wait(id, 0.0).await
+    }
+
+    pub(crate) async fn wait(&self, id: &str, timeout: f64) -> Result<api::WaitResult, ApiError> {
+        if let Some(live) = self.live(id) {
+            let mut rx = live.state.subscribe();
+            let dur = Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+            let _ = tokio::time::timeout(dur, rx.wait_for(|s| s.status == SandboxStatus::Finished))
+                .await;
+            let s = live.state.borrow().clone();
+            return Ok(api::WaitResult {
+                finished: s.status == SandboxStatus::Finished,
+                returncode: s.returncode,
+                end_reason: s.end_reason,
+            });
+        }
+        let info = self.store.sandbox(id)?;
+        Ok(api::WaitResult {
+            finished: info.status == SandboxStatus::Finished,
+            returncode: info.returncode,
+            end_reason: info.end_reason,
+        })
+    }
+
+    pub(crate) async fn wait_until_ready(
+        &self,
+        id: &str,
+        timeout: f64,
+    ) -> Result<api::Ready, ApiError> {
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(ApiError::invalid("timeout_secs", timeout, "must be > 0"));
+        }
+        let info = self.store.sandbox(id)?;
+        if info.config.readiness_probe.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::Invalid,
+                format!("sandbox {id} has no readiness probe"),
+            ));
+        }
+        if let Some(r) = info.ready_at {
+            return Ok(api::Ready { ready_at: r });
+        }
+        let Some(live) = self.live(id) else {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("sandbox {id} has finished"),
+            ));
+        };
+        let mut rx = live.state.subscribe();
+        let r = tokio::time::timeout(
+            Duration::from_secs_f64(timeout.min(86400.0)),
+            rx.wait_for(|s| s.ready_at.is_some() || s.status == SandboxStatus::Finished),
+        )
+        .await
+        .map(|r| r.map(|_| ()));
+        let s = live.state.borrow().clone();
+        match (r, s.ready_at) {
+            (_, Some(at)) => Ok(api::Ready { ready_at: at }),
+            (Ok(_), None) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("sandbox {id} finished before it was ready"),
+            )),
+            (Err(_), None) => Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!("sandbox {id} was not ready within {timeout} s"),
+            )),
+        }
+    }
+
+    /// Delete a sandbox: terminate it if running, then forget it and its output.
+    pub(crate) async fn delete(&self, id: &str) -> Result<(), ApiError> {
+        if let Some(live) = self.live(id) {
+            live.request_end(EndReason::Terminated);
+            let mut rx = live.state.subscribe();
+            let _ = rx.wait_for(|s| s.status == SandboxStatus::Finished).await;
+            lock(&self.live).remove(id);
+        } else {
+            self.store.sandbox(id)?;
+        }
+        self.store.delete_sandbox(id)?;
+        let dir = self.output_dir(id);
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+
+    /// Start an exec (or return the one with the same exec_id).
+    pub(crate) async fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<(ExecInfo, bool), ApiError> {
+        if let Some(e) = &req.exec_id {
+            if e.is_empty() || e.len() > 63 || !api::valid_name(e) {
+                return Err(ApiError::invalid(
+                    "exec_id",
+                    format!("{e:?}"),
+                    "must match ^[A-Za-z0-9._-]{1,63}$",
+                ));
+            }
+        }
+        check_argv("argv", &req.argv, true)?;
+        check_workdir("workdir", &req.workdir)?;
+        check_env("env", &req.env)?;
+        if req.timeout_secs == Some(0) {
+            return Err(ApiError::invalid("timeout_secs", 0, "must be > 0"));
+        }
+        if req.stdout == StreamMode::Stdout {
+            return Err(ApiError::invalid(
+                "stdout",
+                "\"stdout\"",
+                "only stderr can go to stdout",
+            ));
+        }
+        if let Some(p) = &req.pty {
+            if p.rows == 0 || p.cols == 0 {
+                return Err(ApiError::invalid(
+                    "pty",
+                    format!("{}x{}", p.rows, p.cols),
+                    "rows and cols must be > 0",
+                ));
+            }
+        }
+        let live = self.running(id, "exec").await?;
+        let exec_id = req.exec_id.clone().unwrap_or_else(|| random_id("ex-", 16));
+        let (cell, fresh) = {
+            let mut m = lock(&live.execs);
+            match m.get(&exec_id) {
+                Some(c) => (c.clone(), false),
+                None => {
+                    let c = Arc::new(tokio::sync::OnceCell::new());
+                    m.insert(exec_id.clone(), c.clone());
+                    (c, true)
+                }
+            }
+        };
+        let r = cell
+            .get_or_init(|| self.start_exec(live.clone(), exec_id.clone(), req))
+            .await
+            .clone();
+        match r {
+            Ok(e) => Ok((e.info.borrow().clone(), fresh)),
+            Err(err) => {
+                if fresh {
+                    lock(&live.execs).remove(&exec_id);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn start_exec(
+        self: &Arc<Self>,
+        live: Arc<Live>,
+        exec_id: String,
+        req: ExecRequest,
+    ) -> Result<Arc<ExecLive>, ApiError> {
+        let sb = live.sandbox().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Conflict,
+                format!("sandbox {} has finished", live.id),
+            )
+        })?;
+        let mut extra = BTreeMap::new();
+        self.resolve_secrets(&req.secrets, &mut extra)?;
+        extra.extend(req.env.clone());
+        if req.pty.is_some() {
+            extra.insert(
+                "TERM".into(),
+                req.term.clone().unwrap_or_else(|| "xterm-256color".into()),
+            );
+        }
+        let env = self.process_env(&live, &extra);
+        let want_stdin = req.stdin.unwrap_or(true);
+        let spec = ExecSpec {
+            argv: req.argv.clone(),
+            env,
+            cwd: req.workdir.clone().or_else(|| live.config.workdir.clone()),
+            stdin: if want_stdin { Stdio::Pipe } else { Stdio::Null },
+            stdout: match req.stdout {
+                StreamMode::Devnull => Stdio::Null,
+                _ => Stdio::Pipe,
+            },
+            stderr: match req.stderr {
+                StreamMode::Devnull => Stdio::Null,
+                StreamMode::Stdout => Stdio::MergeWithStdout,
+                StreamMode::Pipe => Stdio::Pipe,
+            },
+            pty: req.pty.map(|p| runtime::PtySize {
+                rows: p.rows,
+                cols: p.cols,
+            }),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        live.active_execs.fetch_add(1, Ordering::SeqCst);
+        live.touch();
+        let started = tokio::task::spawn_blocking(move || sb.exec(spec)).await;
+        let mut p = match started {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                live.active_execs.fetch_sub(1, Ordering::SeqCst);
+                live.touch();
+                let code = match e {
+                    runtime::RuntimeError::Finished(_) => ErrorCode::Conflict,
+                    runtime::RuntimeError::Invalid { .. } => ErrorCode::Invalid,
+                    runtime::RuntimeError::Exec { errno, .. }
+                        if errno == libc::ENOENT
+                            || errno == libc::EACCES
+                            || errno == libc::ENOTDIR =>
+                    {
+                        ErrorCode::NotFound
+                    }
+                    _ => ErrorCode::Internal,
+                };
+                return Err(ApiError::new(code, e.to_string()));
+            }
+            Err(e) => {
+                live.active_execs.fetch_sub(1, Ordering::SeqCst);
+                return Err(internal(format!("exec panicked: {e}")));
+            }
+        };
+        self.exec_latency.observe(t0.elapsed());
+        let dir = self.output_dir(&live.id);
+        let pty = p.pty.is_some();
+        let (stdout, stderr, stdin) = if let Some(m) = p.pty.take() {
+            let w = m.try_clone().map_err(internal)?;
+            (
+                Spool::pump(dir.join(format!("{exec_id}.stdout")), m)?,
+                Spool::empty(),
+                if want_stdin {
+                    Stdin::new(w)?
+                } else {
+                    Stdin::none()
+                },
+            )
+        } else {
+            (
+                match p.stdout.take() {
+                    Some(o) => Spool::pump(dir.join(format!("{exec_id}.stdout")), o)?,
+                    None => Spool::empty(),
+                },
+                match p.stderr.take() {
+                    Some(e) => Spool::pump(dir.join(format!("{exec_id}.stderr")), e)?,
+                    None => Spool::empty(),
+                },
+                match p.stdin.take() {
+                    Some(i) => Stdin::new(i)?,
+                    None => Stdin::none(),
+                },
+            )
+        };
+        let info = ExecInfo {
+            exec_id: exec_id.clone(),
+            sandbox_id: live.id.clone(),
+            argv: req.argv.clone(),
+            status: ExecStatus::Running,
+            returncode: None,
+            signal: None,
+            timed_out: false,
+            oom: false,
+            started_at: now(),
+            finished_at: None,
+            stdout: if pty { StreamMode::Pipe } else { req.stdout },
+            stderr: if pty { StreamMode::Stdout } else { req.stderr },
+            pty,
+        };
+        self.store.insert_exec(&info)?;
+        let e = Arc::new(ExecLive {
+            info: watch::Sender::new(info),
+            stdout,
+            stderr,
+            stdin,
+            process: Arc::new(std::sync::RwLock::new(p)),
+        });
+        // The waiter: the exit report arrives on the process's connection to init. A blocking
+        // thread polls it under a read lock (signal and resize take read locks meanwhile).
+        let d = self.clone();
+        let ex = e.clone();
+        let timeout = req.timeout_secs.map(Duration::from_secs);
+        tokio::spawn(async move {
+            let pr = ex.process.clone();
+            let exit = tokio::task::spawn_blocking(move || {
+                let mut timed_out = false;
+                {
+                    let p = pr.read().unwrap_or_else(|x| x.into_inner());
+                    if !p.exit_ready(timeout) {
+                        timed_out = true;
+                        let _ = p.signal(libc::SIGKILL);
+                        p.exit_ready(None);
+                    }
+                }
+                let r = pr.write().unwrap_or_else(|x| x.into_inner()).wait();
+                (r, timed_out)
+            })
+            .await;
+            let (exit, timed_out) = match exit {
+                Ok((r, t)) => (r.ok(), t),
+                Err(_) => (None, false),
+            };
+            let (rc, sig, oom) = match exit {
+                Some(x) => (
+                    x.code(),
+                    match x.status {
+                        runtime::WaitStatus::Signal(s) => Some(s),
+                        _ => None,
+                    },
+                    x.oom,
+                ),
+                None => (137, Some(9), false),
+            };
+            ex.stdin.close().await;
+            let mut info = ex.info.borrow().clone();
+            info.status = ExecStatus::Exited;
+            info.returncode = Some(rc);
+            info.signal = sig;
+            info.timed_out = timed_out;
+            info.oom = oom;
+            info.finished_at = Some(now());
+            if let Err(err) = d.store.finish_exec(&info) {
+                tracing::error!(error = %err, "record exec exit");
+            }
+            ex.info.send_replace(info);
+            live.active_execs.fetch_sub(1, Ordering::SeqCst);
+            live.touch();
+        });
+        Ok(e)
+    }
+
+    /// The live exec, if sbxd still has it.
+    pub(crate) fn exec_live(&self, id: &str, exec_id: &str) -> Option<Arc<ExecLive>> {
+        let live = self.live(id)?;
+        let m = lock(&live.execs);
+        match m.get(exec_id)?.get() {
+            Some(Ok(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    pub(crate) async fn exec_wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        timeout: f64,
+    ) -> Result<ExecInfo, ApiError> {
+        if let Some(e) = self.exec_live(id, exec_id) {
+            let mut rx = e.info.subscribe();
+            let _ = tokio::time::timeout(
+                Duration::from_secs_f64(timeout.clamp(0.0, 3600.0)),
+                rx.wait_for(|i| i.status == ExecStatus::Exited),
+            )
+            .await;
+            return Ok(e.info.borrow().clone());
+        }
+        self.store.exec(id, exec_id)
+    }
+
+    /// An output stream of an exec or (exec_id None) of the entrypoint. A finished one that
+    /// sbxd no longer holds is read from its spool file, complete.
+    pub(crate) fn stream(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        stderr: bool,
+    ) -> Result<Arc<Spool>, ApiError> {
+        match exec_id {
+            None => {
+                if let Some(live) = self.live(id) {
+                    return Ok(if stderr {
+                        lock(&live.entry_stderr).clone()
+                    } else {
+                        lock(&live.entry_stdout).clone()
+                    });
+                }
+                self.store.sandbox(id)?;
+                Ok(Spool::finished(self.output_dir(id).join(if stderr {
+                    "entrypoint.stderr"
+                } else {
+                    "entrypoint.stdout"
+                })))
+            }
+            Some(x) => {
+                if let Some(e) = self.exec_live(id, x) {
+                    return Ok(if stderr {
+                        e.stderr.clone()
+                    } else {
+                        e.stdout.clone()
+                    });
+                }
+                self.store.exec(id, x)?;
+                Ok(Spool::finished(self.output_dir(id).join(format!(
+                    "{x}.{}",
+                    if stderr { "stderr" } else { "stdout" }
+                ))))
+            }
+        }
+    }
+
+    /// Terminate every running sandbox (sbxd is stopping; adoption across restarts comes later).
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
+        for l in &all {
+            l.request_end(EndReason::Terminated);
+        }
+        for l in &all {
+            let mut rx = l.state.subscribe();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|s| s.status == SandboxStatus::Finished),
+            )
+            .await;
+        }
+        // Give the teardown threads a moment, then finish the background cleanup.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = tokio::task::spawn_blocking(|| {
+            for e in runtime::janitor::flush() {
+                tracing::error!(error = %e, "cleanup");
+            }
+        })
+        .await;
+    }
+}
+
+/// Run sbxd in the foreground until SIGINT/SIGTERM.
+pub fn run(cfg: DaemonConfig) -> Result<(), String> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SBX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sbxd")
+        .build()
+        .map_err(|e| format!("start the async runtime: {e}"))?;
+    rt.block_on(async move {
+        let d = Daemon::open(cfg)?;
+        server::serve(d).await
+    })
+}
+
+/// Entry point of the `sbxd` binary: `sbxd [--socket PATH] [--state-dir DIR] [--run-dir DIR]`
+/// (also `SBX_SOCKET`, `SBX_STATE_DIR`, `SBX_RUN_DIR`).
+pub fn main_from_args(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    let mut cfg = DaemonConfig::default();
+    if let Some(s) = std::env::var_os("SBX_SOCKET") {
+        cfg.socket = s.into();
+    }
+    if let Some(s) = std::env::var_os("SBX_STATE_DIR") {
+        cfg.state_dir = s.into();
+    }
+    if let Some(s) = std::env::var_os("SBX_RUN_DIR") {
+        cfg.run_dir = s.into();
+    }
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy().into_owned();
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().map(|v| v.to_string_lossy().into_owned()))
+        };
+        match flag.as_str() {
+            "--socket" => cfg.socket = value().unwrap_or_default().into(),
+            "--state-dir" => cfg.state_dir = value().unwrap_or_default().into(),
+            "--run-dir" => cfg.run_dir = value().unwrap_or_default().into(),
+            "-h" | "--help" => {
+                println!("sbxd: the sbx sandbox daemon\n\nUsage: sbxd [--socket PATH] [--state-dir DIR] [--run-dir DIR]\n\n  --socket PATH     Unix socket to serve (env SBX_SOCKET; default {})\n  --state-dir DIR   persistent state (env SBX_STATE_DIR; default /var/lib/sbx)\n  --run-dir DIR     runtime files (env SBX_RUN_DIR; default /run/sbx)\n\nLogs go to stderr; SBX_LOG sets the filter (e.g. debug).", api::DEFAULT_SOCKET);
+                return std::process::ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("sbxd {}", env!("CARGO_PKG_VERSION"));
+                return std::process::ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("sbxd: unknown argument {other:?} (see sbxd --help)");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    match run(cfg) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sbxd: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

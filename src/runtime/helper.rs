@@ -5,12 +5,12 @@
 //! Its process name is `sbx:[helper]`; init's is `sbx:[init]`.
 
 use super::init;
-use super::proto::{self, HelperConfig, HelperEvent, SetupMsg, WaitStatus};
+use super::proto::{self, HelperConfig, HelperEvent, SetupMsg, VolumeMount, WaitStatus};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::unistd::Pid;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 
 /// The descriptor on which the library hands the helper its config and hears back.
 pub const CONTROL_FD: RawFd = 3;
@@ -34,6 +34,16 @@ pub enum HelperError {
     },
     #[error("init failed to {step}: {error}")]
     Init { step: String, error: String },
+    #[error(
+        "the kernel refused an id-mapped mount of the volume {path} on its {fstype} filesystem \
+         ({errno}); volumes need a filesystem with id-mapped mount support (ext4, xfs, btrfs, \
+         tmpfs on Linux 6.3+)"
+    )]
+    IdmapUnsupported {
+        path: PathBuf,
+        fstype: String,
+        errno: nix::Error,
+    },
     #[error(transparent)]
     Proto(#[from] proto::ProtoError),
 }
@@ -44,6 +54,9 @@ impl HelperError {
             HelperError::Config(_) => "read config".into(),
             HelperError::Sys { step, .. } | HelperError::Io { step, .. } => step.clone(),
             HelperError::Init { step, .. } => format!("init: {step}"),
+            HelperError::IdmapUnsupported { path, .. } => {
+                format!("id-map the volume {}", path.display())
+            }
             HelperError::Proto(_) => "talk to init".into(),
         }
     }
@@ -148,6 +161,9 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
         nix::unistd::sethostname(&cfg.hostname),
     )?;
     mount_sysfs(&cfg.rootfs.merged)?;
+    // Volume mount points, created while no sandbox process exists yet (init attaches the
+    // volumes on them, after the id maps exist).
+    let mount_points = make_mount_points(&cfg)?;
 
     // Init's control socket, bound on the host before clone; init inherits the listener.
     let listener = bind_control_socket(&cfg.control_socket)?;
@@ -179,15 +195,27 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
     drop(child_sock);
     drop(listener);
 
-    let released = write_mappings(&cfg, child).and_then(|()| {
-        proto::send(
-            parent_sock.as_raw_fd(),
-            "mapping written",
-            &SetupMsg::MappingWritten,
-            &[],
-        )
-        .map_err(HelperError::from)
-    });
+    // The volumes are id-mapped through init's user namespace, so after its maps exist; init
+    // gets them as detached mounts right behind the go-ahead and attaches them itself.
+    let released = write_mappings(&cfg, child)
+        .and_then(|()| idmap_volumes(&cfg, child))
+        .and_then(|volumes| {
+            proto::send(
+                parent_sock.as_raw_fd(),
+                "mapping written",
+                &SetupMsg::MappingWritten,
+                &[],
+            )?;
+            for (index, (fd, &(dev, ino))) in volumes.iter().zip(&mount_points).enumerate() {
+                proto::send(
+                    parent_sock.as_raw_fd(),
+                    "volume",
+                    &SetupMsg::Volume { index, dev, ino },
+                    &[fd.as_raw_fd()],
+                )?;
+            }
+            Ok(())
+        });
     if let Err(e) = released {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(child, None);
@@ -199,7 +227,7 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
             let _ = nix::sys::wait::waitpid(child, None);
             return Err(HelperError::Init { step, error });
         }
-        Some((SetupMsg::MappingWritten, _)) | None => {
+        Some((SetupMsg::MappingWritten | SetupMsg::Volume { .. }, _)) | None => {
             let status = wait_for(child);
             return Err(HelperError::Init {
                 step: "set up the sandbox".into(),
@@ -375,4 +403,331 @@ fn write_mappings(cfg: &HelperConfig, child: Pid) -> Result<(), HelperError> {
             .map_err(io(format!("add init to {}", procs.display())))?;
     }
     Ok(())
+}
+
+/// The directories under `/` that hold kernel filesystems: no volume goes there.
+const KERNEL_DIRS: &[&str] = &["proc", "sys", "dev"];
+
+/// The components of a volume target, without empty and `.` components (`"/a//./b"` gives
+/// `["a", "b"]`). `..` components are kept (validation refuses them).
+pub fn target_components(target: &str) -> Vec<&str> {
+    target
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect()
+}
+
+/// The target as a path relative to the sandbox root (for `openat2` from the rootfs).
+pub fn target_relative(target: &str) -> PathBuf {
+    target_components(target).iter().collect()
+}
+
+/// Check the volumes of a spec before anything is created: absolute targets that are not
+/// `/`, with no `..`, nothing under `/proc`, `/sys` or `/dev`, no two that overlap; sources
+/// that are existing host directories.
+pub fn validate_mounts(mounts: &[VolumeMount]) -> Result<(), super::RuntimeError> {
+    let bad = |value: String, reason: &'static str| super::RuntimeError::Invalid {
+        field: "mounts",
+        value,
+        reason,
+    };
+    for (i, m) in mounts.iter().enumerate() {
+        let t = &m.target;
+        if !t.starts_with('/') {
+            return Err(bad(t.clone(), "the target must be an absolute path"));
+        }
+        if t.contains('\0') || t.len() >= libc::PATH_MAX as usize {
+            return Err(bad(
+                t.clone(),
+                "the target must be shorter than PATH_MAX and free of NUL",
+            ));
+        }
+        let comps = target_components(t);
+        if comps.contains(&"..") {
+            return Err(bad(t.clone(), "the target must not contain '..'"));
+        }
+        match comps.first() {
+            None => return Err(bad(t.clone(), "the target must not be /")),
+            Some(first) if KERNEL_DIRS.contains(first) => {
+                return Err(bad(
+                    t.clone(),
+                    "targets under /proc, /sys and /dev are refused",
+                ))
+            }
+            Some(_) => {}
+        }
+        for other in &mounts[..i] {
+            let o = target_components(&other.target);
+            if comps.starts_with(&o) || o.starts_with(&comps) {
+                return Err(bad(
+                    t.clone(),
+                    "the target overlaps another mount's target (the same path, or one inside the other)",
+                ));
+            }
+        }
+        let s = &m.source;
+        if !s.is_absolute() {
+            return Err(bad(
+                s.display().to_string(),
+                "the source must be an absolute host path",
+            ));
+        }
+        if !std::fs::metadata(s).is_ok_and(|md| md.is_dir()) {
+            return Err(bad(
+                s.display().to_string(),
+                "the source must be an existing host directory",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where an open descriptor points, as a path in our mount namespace.
+fn fd_path(fd: &OwnedFd) -> std::io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Create each volume's mount point in the rootfs, like `mkdir -p`, and return the device and
+/// inode of each (init checks that it attaches on the same directory).
+///
+/// We are host root in the helper's mount namespace, and the image is not ours: every lookup
+/// is `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from the rootfs, so an image symlink
+/// (`/data -> /etc`) resolves inside the rootfs (to its own `/etc`), never on the host. Missing
+/// directories are made with `mkdirat` in the directory resolved so far (the overlay puts them
+/// in the writable layer), owned by the sandbox's root. Where each lookup ended up is checked
+/// before anything is created there: nothing under `/proc`, `/sys` or `/dev`, and the target
+/// itself is not the root.
+fn make_mount_points(cfg: &HelperConfig) -> Result<Vec<(u64, u64)>, HelperError> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    if cfg.mounts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let merged = &cfg.rootfs.merged;
+    let root = owned(sys(
+        format!("open the rootfs {}", merged.display()),
+        open(
+            merged,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+    )?);
+    let root_path = fd_path(&root).map_err(|source| HelperError::Io {
+        step: format!("find where the rootfs {} is", merged.display()),
+        source,
+    })?;
+    let root = RootDir {
+        fd: root,
+        path: root_path,
+    };
+    let mut out = Vec::with_capacity(cfg.mounts.len());
+    for m in &cfg.mounts {
+        let dir = make_dirs_in_root(&root, &m.target, cfg.id_base)?;
+        let step = format!("check the mount point {}", m.target);
+        if root.inside(&dir, &step)?.as_os_str().is_empty() {
+            return Err(HelperError::Io {
+                step,
+                source: std::io::Error::other(
+                    "it resolves to the sandbox's / (through a symlink?)",
+                ),
+            });
+        }
+        let st = sys(step, nix::sys::stat::fstat(dir.as_raw_fd()))?;
+        out.push((st.st_dev, st.st_ino));
+    }
+    Ok(out)
+}
+
+/// The rootfs, open, and where it is in our mount namespace.
+struct RootDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl RootDir {
+    /// Where `dir` is, relative to the root; an error naming `step` if it is outside it or
+    /// under `/proc`, `/sys` or `/dev` (reached through an image symlink).
+    fn inside(&self, dir: &OwnedFd, step: &str) -> Result<PathBuf, HelperError> {
+        let err = |msg: String| HelperError::Io {
+            step: step.to_string(),
+            source: std::io::Error::other(msg),
+        };
+        let at = fd_path(dir).map_err(|source| HelperError::Io {
+            step: step.to_string(),
+            source,
+        })?;
+        let rel = at
+            .strip_prefix(&self.path)
+            .map_err(|_| err(format!("it resolves outside the rootfs, to {at:?}")))?;
+        if let Some(first) = rel.components().next() {
+            if KERNEL_DIRS.iter().any(|k| first.as_os_str() == *k) {
+                return Err(err(format!(
+                    "it resolves under /proc, /sys or /dev (through a symlink?): /{}",
+                    rel.display()
+                )));
+            }
+        }
+        Ok(rel.to_path_buf())
+    }
+}
+
+/// `mkdir -p` of `target` below the root, resolving every prefix inside it; returns the
+/// target directory (`O_PATH`). New directories are 0755 and owned by `owner` (uid and gid).
+fn make_dirs_in_root(root: &RootDir, target: &str, owner: u32) -> Result<OwnedFd, HelperError> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    let lookup = |p: &Path| {
+        super::sys::openat2(
+            root.fd.as_fd(),
+            p,
+            libc::O_PATH | libc::O_DIRECTORY,
+            resolve,
+        )
+    };
+    let mut prefix = PathBuf::new();
+    let mut parent: Option<OwnedFd> = None;
+    for comp in target_components(target) {
+        prefix.push(comp);
+        let step = format!("create the mount point {target} (at /{})", prefix.display());
+        let dir = match lookup(&prefix) {
+            Ok(fd) => fd,
+            Err(nix::Error::ENOENT) => {
+                // Missing: make it in the directory resolved so far. `comp` is one plain name,
+                // so mkdirat cannot leave that directory. EEXIST here means a symlink that
+                // leads nowhere, which we do not follow.
+                let at = parent.as_ref().unwrap_or(&root.fd);
+                match mkdirat(Some(at.as_raw_fd()), comp, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) => {}
+                    Err(nix::Error::EEXIST) => {
+                        return Err(HelperError::Io {
+                            step,
+                            source: std::io::Error::other(
+                                "a symlink of the image is in the way and leads nowhere",
+                            ),
+                        })
+                    }
+                    Err(source) => return Err(HelperError::Sys { step, source }),
+                }
+                let made = owned(sys(
+                    step.clone(),
+                    openat(
+                        Some(at.as_raw_fd()),
+                        comp,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    ),
+                )?);
+                let uid = Some(nix::unistd::Uid::from_raw(owner));
+                let gid = Some(nix::unistd::Gid::from_raw(owner));
+                sys(
+                    step.clone(),
+                    nix::unistd::fchown(made.as_raw_fd(), uid, gid),
+                )?;
+                made
+            }
+            Err(source) => return Err(HelperError::Sys { step, source }),
+        };
+        // Checked before anything is created in it.
+        root.inside(&dir, &step)?;
+        parent = Some(dir);
+    }
+    // Reopen the last one through the same resolution, as init will.
+    sys(format!("open the mount point {target}"), lookup(&prefix))
+}
+
+/// Each volume as a detached mount, id-mapped through init's user namespace (whose maps are
+/// written), with nosuid, nodev and, if asked, read-only.
+///
+/// A clone of the source's mount (`open_tree(OPEN_TREE_CLONE)`, this mount only: submounts
+/// below the source are not included) is id-mapped with `mount_setattr(MOUNT_ATTR_IDMAP)`.
+/// That needs host privileges (`CAP_SYS_ADMIN` over the filesystem's user namespace), which
+/// is why the helper does it; init only attaches the result. A filesystem without id-mapped
+/// mount support fails the spawn: a plain bind would show every other sandbox's files as
+/// nobody's, so there is no fallback.
+fn idmap_volumes(cfg: &HelperConfig, child: Pid) -> Result<Vec<OwnedFd>, HelperError> {
+    use super::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+    if cfg.mounts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ns_path = format!("/proc/{}/ns/user", child.as_raw());
+    let userns: OwnedFd = std::fs::File::open(&ns_path)
+        .map_err(|source| HelperError::Io {
+            step: format!("open the sandbox's user namespace {ns_path}"),
+            source,
+        })?
+        .into();
+    let mut out = Vec::with_capacity(cfg.mounts.len());
+    for m in &cfg.mounts {
+        let src = m.source.display();
+        let tree = sys(
+            format!("open the volume {src}"),
+            super::sys::open_tree_clone(&m.source),
+        )?;
+        let st = sys(
+            format!("stat the volume {src}"),
+            nix::sys::stat::fstat(tree.as_raw_fd()),
+        )?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(HelperError::Io {
+                step: format!("open the volume {src}"),
+                source: std::io::Error::other("not a directory"),
+            });
+        }
+        let mut attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+        if m.read_only {
+            attrs |= MOUNT_ATTR_RDONLY;
+        }
+        match super::sys::mount_setattr(tree.as_fd(), attrs, Some(userns.as_fd())) {
+            Ok(()) => out.push(tree),
+            Err(errno @ (nix::Error::EINVAL | nix::Error::EOPNOTSUPP)) => {
+                return Err(HelperError::IdmapUnsupported {
+                    path: m.source.clone(),
+                    fstype: fs_name(&tree),
+                    errno,
+                })
+            }
+            Err(source) => {
+                return Err(HelperError::Sys {
+                    step: format!("id-map the volume {src}"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The name of the filesystem an open descriptor is on (by its magic number).
+fn fs_name(fd: &OwnedFd) -> String {
+    let Ok(st) = nix::sys::statfs::fstatfs(fd) else {
+        return "unknown".into();
+    };
+    let magic = st.filesystem_type().0 as u64 & 0xffff_ffff;
+    let name = match magic {
+        0xef53 => "ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683e => "btrfs",
+        0x0102_1994 => "tmpfs",
+        0x8584_58f6 => "ramfs",
+        0x794c_7630 => "overlay",
+        0x6969 => "nfs",
+        0x6573_5546 => "fuse",
+        0xff53_4d42 | 0xfe53_4d42 => "cifs/smb",
+        0x0102_1997 => "9p",
+        0x4d44 => "vfat",
+        0x2011_bab0 => "exfat",
+        0x5346_544e => "ntfs",
+        0x7371_7368 => "squashfs",
+        0xf2f5_2010 => "f2fs",
+        0x9fa0 => "proc",
+        0x6265_6572 => "sysfs",
+        _ => return format!("unknown (magic {magic:#x})"),
+    };
+    name.into()
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was just returned by open(2)/openat(2) and is owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }

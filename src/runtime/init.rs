@@ -113,6 +113,9 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
             })
         }
     }
+    //    The volumes follow: detached mounts the helper id-mapped through our user namespace
+    //    (it needs host privileges for that, and our maps for the mapping).
+    let volumes = receive_volumes(cfg, sync)?;
     // 2. Nothing we mount may propagate to the helper's namespace (rslave, as runc).
     step(
         "make / a recursive slave",
@@ -168,6 +171,12 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
     for dir in ["proc", "dev", "sys"] {
         require_real_dir(root, dir)?;
     }
+    // 7a. Volumes, on the mount points the helper made: in our own mount namespace (the mounts
+    //    vanish with it), under the new root and before pivot_root, while we still hold
+    //    CAP_SYS_ADMIN over this namespace (move_mount; capabilities are cut at step 14 and
+    //    seccomp denies the mount calls from step 17 on). Before /proc and /dev, which no
+    //    volume may cover.
+    attach_volumes(cfg, volumes)?;
     // 8. Kernel filesystems under the new root, before pivot_root: in a user namespace a new
     //    procfs/sysfs is allowed only while a full one is still visible. /proc is mounted by us,
     //    pid 1 of the new pid namespace, so it shows only the sandbox's processes.
@@ -228,6 +237,84 @@ fn setup(cfg: &HelperConfig, sync: &OwnedFd, listener: &OwnedFd) -> Result<Owned
         step("install the seccomp filter", filter.install())?;
     }
     Ok(devnull)
+}
+
+/// A volume as the helper hands it over: the id-mapped detached mount, and the device and
+/// inode of the mount point it created for it.
+struct Volume {
+    mount: OwnedFd,
+    dev: u64,
+    ino: u64,
+}
+
+/// One `SetupMsg::Volume` per configured mount, in order, each with one descriptor.
+fn receive_volumes(cfg: &HelperConfig, sync: &OwnedFd) -> Result<Vec<Volume>, SetupError> {
+    let mut out = Vec::with_capacity(cfg.mounts.len());
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        let what = format!("receive the volume {}", m.source.display());
+        match step(
+            what.clone(),
+            proto::expect::<SetupMsg>(sync.as_raw_fd(), "volume"),
+        )? {
+            (SetupMsg::Volume { index, dev, ino }, mut fds) if index == i && fds.len() == 1 => {
+                let mount = fds.pop().expect("one descriptor, checked above");
+                out.push(Volume { mount, dev, ino });
+            }
+            (other, fds) => {
+                return Err(SetupError {
+                    step: what,
+                    error: format!(
+                        "unexpected message {other:?} with {} descriptors",
+                        fds.len()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Attach each volume on its target below the current directory (the new root). The target is
+/// resolved as the helper did (`RESOLVE_IN_ROOT`: image symlinks stay inside the rootfs) and
+/// must be the very directory the helper created and checked (same device and inode).
+fn attach_volumes(cfg: &HelperConfig, volumes: Vec<Volume>) -> Result<(), SetupError> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    let root = owned(step(
+        "open the new root",
+        open(
+            ".",
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+    )?);
+    for (m, v) in cfg.mounts.iter().zip(volumes) {
+        let what = format!("open the mount point {}", m.target);
+        let target = step(
+            what.clone(),
+            sys::openat2(
+                root.as_fd(),
+                &super::helper::target_relative(&m.target),
+                libc::O_PATH | libc::O_DIRECTORY,
+                libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+            ),
+        )?;
+        let st = step(what.clone(), nix::sys::stat::fstat(target.as_raw_fd()))?;
+        if (st.st_dev, st.st_ino) != (v.dev, v.ino) {
+            return Err(SetupError {
+                step: what,
+                error: "it is not the directory the helper created".into(),
+            });
+        }
+        step(
+            format!("attach the volume {} on {}", m.source.display(), m.target),
+            sys::move_mount_onto(v.mount.as_fd(), target.as_fd()),
+        )?;
+    }
+    Ok(())
 }
 
 /// Soft and hard `RLIMIT_NOFILE` for sandbox processes (or less, if ours is lower).

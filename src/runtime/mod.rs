@@ -9,6 +9,7 @@
 
 pub mod capabilities;
 pub mod cgroups;
+pub mod fs;
 pub mod helper;
 pub mod idmap;
 pub mod init;
@@ -19,13 +20,15 @@ pub mod seccomp;
 pub mod sys;
 
 pub use cgroups::Limits;
+pub use fs::{FileStat, FileType, FsError, FsErrorKind, SandboxFs};
+pub use proto::VolumeMount as BindMount;
 pub use proto::WaitStatus;
 pub use rootfs_fetch::ImageRef;
 pub use seccomp::SeccompProfile;
 
 use proto::{ExecEvent, ExecRequest, HelperConfig, HelperEvent, Request, RootfsPlan, StdioWire};
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -84,6 +87,8 @@ pub struct SandboxSpec {
     pub seccomp: SeccompProfile,
     /// Started right after setup; the sandbox ends when it exits, with its status.
     pub entrypoint: Option<ExecSpec>,
+    /// Host directories mounted into the sandbox, id-mapped (see [`BindMount`]).
+    pub mounts: Vec<BindMount>,
 }
 
 /// Where a standard stream of a process goes.
@@ -282,6 +287,7 @@ impl Sandbox {
                 reason: "1 to 63 letters, digits, '-' or '.'",
             });
         }
+        helper::validate_mounts(&spec.mounts)?;
         let image = rootfs_fetch::resolve(&spec.image, &cfg.state_dir)?;
         let seccomp = seccomp::compile(&spec.seccomp)?;
         let ids = idmap::IdRange::allocate(&cfg.run_dir, &id)?;
@@ -402,6 +408,7 @@ impl Sandbox {
             cgroup_procs,
             control_socket: control_socket.clone(),
             seccomp,
+            mounts: spec.mounts.clone(),
         };
 
         let log = cfg.run_dir.join("helper.log");
@@ -1043,6 +1050,31 @@ impl Process {
     /// The connection on which init reports the exit (readable when it has); for event loops.
     pub fn exit_fd(&self) -> RawFd {
         self.conn.as_raw_fd()
+    }
+
+    /// Block until the exit report is there to read (then [`Process::wait`] returns at once)
+    /// or `timeout` passed; true if it is there. Callers that must not hold `&mut` while
+    /// waiting (to signal meanwhile) poll with this first.
+    pub fn exit_ready(&self, timeout: Option<std::time::Duration>) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let left = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let ms = d.saturating_duration_since(std::time::Instant::now()).as_millis();
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, left) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return true,
+            }
+        }
     }
 
     /// Send `sig` to the process and everything in its process group (it leads its own group:

@@ -154,6 +154,29 @@ pub struct HelperConfig {
     /// Where init's control socket is bound (host path, 0600, root only).
     pub control_socket: PathBuf,
     pub seccomp: Option<CompiledSeccomp>,
+    /// Host directories mounted into the sandbox (id-mapped), in order.
+    #[serde(default)]
+    pub mounts: Vec<VolumeMount>,
+}
+
+/// A host directory mounted into the sandbox (`sbx::runtime::BindMount`): a volume that
+/// sandboxes with different uid ranges can share.
+///
+/// The mount is id-mapped through the sandbox's user namespace, so ownership on disk is
+/// canonical: host uid/gid N (0..65535) is sandbox uid/gid N in every sandbox, whatever its
+/// range. The target is created (like `mkdir -p`) in the writable layer if it is missing;
+/// symlinks of the image on the way are resolved inside the rootfs, never on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// An existing host directory, absolute. Its filesystem must support id-mapped mounts
+    /// (ext4, xfs, btrfs, tmpfs on Linux 6.3+, …); mounts below it are not included.
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox: not `/`, no `..`, nothing under `/proc`, `/sys` or
+    /// `/dev`, and not the same as or inside another mount's target.
+    pub target: String,
+    /// Mount read-only: writes fail with `EROFS`.
+    pub read_only: bool,
 }
 
 /// How the helper assembles the sandbox root: an overlay of read-only lowers and a writable upper,
@@ -197,6 +220,14 @@ pub enum HelperEvent {
 pub enum SetupMsg {
     /// Parent wrote the id maps and the cgroup: go on.
     MappingWritten,
+    /// Helper → init, right after `MappingWritten`, once per entry of `HelperConfig::mounts` in
+    /// order: the id-mapped, detached volume mount (one descriptor) and the device and inode
+    /// of the mount point the helper created and checked, which init must find again.
+    Volume {
+        index: usize,
+        dev: u64,
+        ino: u64,
+    },
     /// Init is ready.
     Ready,
     Failed {

@@ -228,3 +228,186 @@ pub fn pidfd_kill(pidfd: &std::os::fd::OwnedFd, sig: i32) -> nix::Result<()> {
     };
     nix::errno::Errno::result(ret).map(drop)
 }
+
+// ---- idmapped mounts (volumes) ----
+
+/// `mount_attr` flags (linux/mount.h): what [`mount_setattr`] sets on a detached mount.
+pub const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
+pub const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
+/// Set by [`mount_setattr`] itself when it is given a user namespace.
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `struct mount_attr` (linux/mount.h, `MOUNT_ATTR_SIZE_VER0` = 32 bytes).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn path_cstring(path: &std::path::Path) -> nix::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| nix::Error::EINVAL)
+}
+
+/// `openat2(2)`: open `path` relative to `dir` with `flags` (`O_*`) and `resolve`
+/// (`libc::RESOLVE_*`), e.g. `RESOLVE_IN_ROOT` so that `..` and absolute symlinks stay below
+/// `dir`, as if `dir` were `/`.
+pub fn openat2(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &std::path::Path,
+    flags: libc::c_int,
+    resolve: u64,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let path = path_cstring(path)?;
+    // SAFETY: an all-zero open_how is valid (no flags, mode 0, no resolve flags).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    // SAFETY: `path` is a NUL-terminated string and `how` a live open_how whose size we pass;
+    // the kernel only reads both. On success it returns a new descriptor that we own.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    let fd = nix::errno::Errno::result(ret)?;
+    // SAFETY: `fd` was just created for us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `open_tree(2)` with `OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC`: a detached copy of the mount that
+/// holds `path`, rooted at `path`. Not recursive: mounts below `path` are not part of the copy.
+pub fn open_tree_clone(path: &std::path::Path) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let path = path_cstring(path)?;
+    // SAFETY: a NUL-terminated path the kernel only reads, AT_FDCWD and integer flags; on
+    // success the kernel returns a new descriptor that we own.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    let fd = nix::errno::Errno::result(ret)?;
+    // SAFETY: `fd` was just created for us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `mount_setattr(2)` on the mount `mnt` (from [`open_tree_clone`], not attached yet): set the
+/// `MOUNT_ATTR_*` flags in `attr_set` and, with `userns`, id-map the mount through that user
+/// namespace (`MOUNT_ATTR_IDMAP`; only a detached mount that was never id-mapped qualifies).
+pub fn mount_setattr(
+    mnt: std::os::fd::BorrowedFd<'_>,
+    attr_set: u64,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
+) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    if let Some(ns) = userns {
+        attr.attr_set |= MOUNT_ATTR_IDMAP;
+        attr.userns_fd = ns.as_raw_fd() as u64;
+    }
+    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH (the descriptor itself is the
+    // mount), and a live mount_attr whose size we pass; the kernel only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    nix::errno::Errno::result(ret).map(drop)
+}
+
+/// `move_mount(2)` of the detached mount `mnt` onto the directory `target` (an `O_PATH`
+/// descriptor in the caller's mount namespace): the mount is attached there.
+pub fn move_mount_onto(
+    mnt: std::os::fd::BorrowedFd<'_>,
+    target: std::os::fd::BorrowedFd<'_>,
+) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x0000_0004;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x0000_0040;
+    // SAFETY: two descriptors with empty NUL-terminated paths (the *_EMPTY_PATH flags make
+    // the descriptors themselves the source and the target); the kernel only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    nix::errno::Errno::result(ret).map(drop)
+}
+
+// ---- host-side access into a sandbox (fs, probes) ----
+
+/// `openat(2)` of `name` in `dir`, close-on-exec, returning an owned descriptor. `mode` matters
+/// only with `O_CREAT`. For one path component in a directory already resolved safely (pass
+/// `O_NOFOLLOW`); for whole paths inside a sandbox use [`openat2`] with `RESOLVE_IN_ROOT`.
+pub fn openat<P: ?Sized + nix::NixPath>(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &P,
+    flags: nix::fcntl::OFlag,
+    mode: libc::mode_t,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let flags = (flags | nix::fcntl::OFlag::O_CLOEXEC).bits();
+    let ret = name.with_nix_path(|name| {
+        // SAFETY: `name` is a NUL-terminated string the kernel only reads; `dir` is a live
+        // descriptor; `mode` is an integer (read only with O_CREAT).
+        unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) }
+    })?;
+    let fd = nix::errno::Errno::result(ret)?;
+    // SAFETY: `fd` was just created for us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Make the calling thread — only it — act on files as host `uid`/`gid` with no supplementary
+/// groups: raw `setgroups(0)`, `setfsgid`, `setfsuid`. They are per-thread syscalls (glibc's
+/// `setgroups` wrapper would change every thread of the process). Moving the fsuid from 0 to
+/// another id also clears the filesystem capabilities (`CAP_DAC_OVERRIDE`,
+/// `CAP_DAC_READ_SEARCH`, `CAP_FOWNER`, `CAP_FSETID`, `CAP_CHOWN`, …) from the thread's
+/// effective set, so its permission checks are those of an ordinary owner. `setfsuid` reports
+/// no errors, so the ids are read back; EPERM if they did not take. Call it on a thread that
+/// ends afterwards: nothing here switches back.
+pub fn set_thread_fs_ids(uid: u32, gid: u32) -> nix::Result<()> {
+    // SAFETY: a zero-length list with a NULL pointer: the kernel reads no memory.
+    let ret = unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) };
+    nix::errno::Errno::result(ret)?;
+    // SAFETY (this block and the next three): integer arguments only. An id of -1 is invalid,
+    // so the kernel changes nothing and returns the current id: that is the read-back.
+    unsafe { libc::syscall(libc::SYS_setfsgid, gid) };
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_setfsuid, uid) };
+    // SAFETY: as above.
+    let now_gid = unsafe { libc::syscall(libc::SYS_setfsgid, u32::MAX) } as u32;
+    // SAFETY: as above.
+    let now_uid = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) } as u32;
+    if now_uid != uid || now_gid != gid {
+        return Err(nix::errno::Errno::EPERM);
+    }
+    Ok(())
+}
