@@ -636,7 +636,7 @@ fn files_inside_a_sandbox() {
     );
 
     let st = json(&d.ok(&["fs", "stat", "--json", &id, "/tmp/dir/x"]));
-    assert_eq!(st["size"], serde_json::json!(15));
+    assert_eq!(st["size"], serde_json::json!(data.len()));
     assert_eq!(st["type"], serde_json::json!("file"));
     let st = d.ok(&["fs", "stat", &id, "/tmp/dir"]);
     assert!(st.contains("type: directory"), "{st}");

@@ -314,12 +314,9 @@ fn bad_mounts_are_refused_before_anything_starts() {
 fn a_filesystem_without_idmapped_mounts_fails_the_spawn_naming_it() {
     // ramfs has no id-mapped mount support: no silent fallback to a plain bind.
     let src = host_dir("ramfs");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "ramfs", "sbx-vol-test"])
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount ramfs");
+    let s = src.to_str().unwrap();
+    run(&["mount", "-t", "ramfs", "sbx-vol-test", s]);
+    let ramfs = HostMount(s.to_string());
     let id = format!("vol-ramfs-{}", std::process::id());
     let res = Sandbox::spawn(
         &config(),
@@ -330,12 +327,9 @@ fn a_filesystem_without_idmapped_mounts_fails_the_spawn_naming_it() {
             ..Default::default()
         },
     );
-    let umounted = std::process::Command::new("umount")
-        .arg(&src)
-        .status()
-        .unwrap();
+    drop(ramfs);
+    assert!(host_mounts_with(s).is_empty(), "ramfs unmounted");
     let err = res.err().expect("spawn on ramfs succeeded");
-    assert!(umounted.success(), "umount ramfs");
     let msg = err.to_string();
     assert!(matches!(err, RuntimeError::Setup { .. }), "{msg}");
     assert!(msg.contains(src.to_str().unwrap()), "{msg}");
@@ -345,5 +339,79 @@ fn a_filesystem_without_idmapped_mounts_fails_the_spawn_naming_it() {
     assert!(!Sandbox::list(&config()).contains(&id));
     assert!(!config().state_dir.join("sandboxes").join(&id).exists());
     assert!(cgroup_dirs(&id).is_empty());
+    std::fs::remove_dir_all(&src).unwrap();
+}
+
+/// Runs a command that must succeed (mount, umount).
+fn run(args: &[&str]) {
+    let st = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{args:?}");
+}
+
+/// Unmounts a host mount made by a test, also when the test panics.
+struct HostMount(String);
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn host_mount_events_do_not_reach_a_volume() {
+    // A volume whose source is a shared mount (systemd makes / shared): a mount the host makes
+    // below it later must not show up in the sandbox (the clone is made private).
+    let src = host_dir("shared-mount");
+    std::fs::create_dir(src.join("sub")).unwrap();
+    let s = src.to_str().unwrap().to_string();
+    let sub = format!("{s}/sub");
+    run(&["mount", "--bind", &s, &s]);
+    let outer = HostMount(s.clone());
+    run(&["mount", "--make-shared", &s]);
+    let sb = spawn_with(busybox(), vec![mount(&src, "/data", false)]);
+    run(&["mount", "-t", "tmpfs", "sbx-vol-late", &sub]);
+    let inner = HostMount(sub.clone());
+    std::fs::write(src.join("sub/late"), "x").unwrap();
+    assert!(
+        host_mounts_with("sbx-vol-late").len() == 1,
+        "the host has it"
+    );
+    assert_eq!(sh_ok(&sb, "ls -A /data/sub"), "");
+    assert_eq!(sh(&sb, "grep sbx-vol-late /proc/self/mountinfo").1, "");
+    drop(inner);
+    drop(outer);
+    sb.destroy().unwrap();
+    assert!(host_mounts_with(&s).is_empty());
+    std::fs::remove_dir_all(&src).unwrap();
+}
+
+#[test]
+fn the_host_image_takes_volumes_and_its_read_only_binds_stay_read_only() {
+    let src = host_dir("host-image");
+    let sb = spawn_with(ImageRef::Host, vec![mount(&src, "/mnt/work", false)]);
+    sh_ok(&sb, "python3 -c \"open('/mnt/work/py', 'w').write('ok')\"");
+    let f = std::fs::metadata(src.join("py")).unwrap();
+    assert_eq!((f.uid(), f.gid()), (0, 0));
+    sb.destroy().unwrap();
+
+    // A missing target in the host's /usr (a read-only bind) cannot be created: the spawn
+    // fails naming it, and the host's /usr is untouched.
+    let name = format!("sbx-vol-{}", std::process::id());
+    let target = format!("/usr/{name}");
+    let err = Sandbox::spawn(
+        &config(),
+        SandboxSpec {
+            mounts: vec![mount(&src, &target, false)],
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("a mount point in /usr was created");
+    let msg = err.to_string();
+    assert!(msg.contains(&target) && msg.contains("EROFS"), "{msg}");
+    assert!(!Path::new("/usr").join(&name).exists());
     std::fs::remove_dir_all(&src).unwrap();
 }

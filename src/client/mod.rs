@@ -855,3 +855,37 @@ impl Filesystem {
 
 #[cfg(all(test, feature = "daemon"))]
 mod tests;
+
+#[cfg(test)]
+mod assertions {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+
+    /// Handles can be shared across tasks and their futures spawned on a multi-threaded runtime.
+    #[test]
+    fn handles_and_futures_are_send() {
+        send_sync::<Client>();
+        send_sync::<Sandbox>();
+        send_sync::<Process>();
+        send_sync::<StreamReader>();
+        send_sync::<StreamWriter>();
+        send_sync::<Filesystem>();
+        send_sync::<Error>();
+        if false {
+            // Never run: only the futures' types are checked.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let client = rt.block_on(Client::connect()).unwrap();
+            let sb = Sandbox::handle(&client, "sb-x", None);
+            send(&sb.exec(["true"]));
+            send(&sb.wait());
+            send(&sb.events(true));
+            send(&sb.stdout().next_line());
+            send(&sb.stdin().drain());
+            send(&sb.filesystem().read_bytes("/x"));
+        }
+    }
+}

@@ -177,7 +177,7 @@ pub(crate) struct Live {
     pub entry_stdout: Mutex<Arc<Spool>>,
     pub entry_stderr: Mutex<Arc<Spool>>,
     pub entry_stdin: Mutex<Arc<Stdin>>,
-    execs: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Arc<ExecLive>, ApiError>>>>>,
+    execs: Mutex<HashMap<String, Arc<ExecSlot>>>,
     active_execs: AtomicU64,
     last_activity: Mutex<Instant>,
     activity: tokio::sync::Notify,
@@ -204,6 +204,9 @@ impl Live {
         });
     }
 }
+
+/// An exec being started or started: concurrent requests with one exec_id share it.
+type ExecSlot = tokio::sync::OnceCell<Result<Arc<ExecLive>, ApiError>>;
 
 /// A running (or recently finished) exec.
 pub(crate) struct ExecLive {
@@ -256,7 +259,7 @@ fn check_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError
         if v.contains('\0') {
             return Err(ApiError::invalid(
                 field,
-                format!("{k}"),
+                k,
                 "values must not contain NUL bytes",
             ));
         }
@@ -427,8 +430,7 @@ impl Daemon {
             created_at: now(),
         };
         self.store.put_secret(&info, req.overwrite)?;
-        let body = serde_json::to_vec(&req.env).map_err(internal)?;
-        if let Err(e) = runtime::proto::write_atomic(&self.secret_path(&req.name), &body) {
+        if let Err(e) = runtime::proto::write_atomic(&self.secret_path(&req.name), &req.env) {
             let _ = self.store.delete_secret(&req.name);
             return Err(internal(format!("store secret {:?}: {e}", req.name)));
         }
@@ -776,6 +778,8 @@ impl Daemon {
         mut spec: runtime::SandboxSpec,
         t0: Instant,
     ) {
+        // Subscribed before the start, so a terminate while pending is seen after it.
+        let mut end_rx = live.end_req.subscribe();
         self.event(&live, EventKind::Scheduled, None, None, None);
         let out_dir = self.output_dir(&live.id);
         if let Err(e) = std::fs::create_dir_all(&out_dir) {
@@ -834,8 +838,9 @@ impl Daemon {
         let entry_err = lock(&live.entry_stderr).clone();
         if let Some(mut p) = sb.take_entrypoint() {
             let pumped = (|| -> Result<(), ApiError> {
-                if let Some(m) = p.pty.take() {
-                    let w = m.try_clone().map_err(internal)?;
+                if let Some(master) = p.pty.as_ref() {
+                    let m = master.try_clone().map_err(internal)?;
+                    let w = master.try_clone().map_err(internal)?;
                     entry_out.attach(m)?;
                     entry_err.close();
                     if live.config.stdin {
@@ -894,10 +899,19 @@ impl Daemon {
                     .timeout_secs
                     .unwrap_or(api::DEFAULT_TIMEOUT_SECS),
             );
-        let mut end_rx = live.end_req.subscribe();
         let idle = live.config.idle_timeout_secs.map(Duration::from_secs);
         let mut requested: Option<EndReason> = None;
         let exit = loop {
+            // A reason asked for at any time (also while the sandbox was still starting)
+            // ends it once: kill, then wait for the exit below.
+            if requested.is_none() {
+                let asked = *end_rx.borrow_and_update();
+                if let Some(reason) = asked {
+                    requested = Some(reason);
+                    let s = sb.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.kill()).await;
+                }
+            }
             let idle_at =
                 idle.map(|i| tokio::time::Instant::from_std(*lock(&live.last_activity) + i));
             tokio::select! {
@@ -905,15 +919,7 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline), if requested.is_none() => {
                     live.request_end(EndReason::Timeout);
                 }
-                r = end_rx.changed(), if requested.is_none() => {
-                    if r.is_err() { continue; }
-                    let reason = *end_rx.borrow_and_update();
-                    if let Some(reason) = reason {
-                        requested = Some(reason);
-                        let s = sb.clone();
-                        let _ = tokio::task::spawn_blocking(move || s.kill()).await;
-                    }
-                }
+                _ = end_rx.changed(), if requested.is_none() => {}
                 _ = async {
                     match idle_at {
                         Some(t) => tokio::time::sleep_until(t).await,
@@ -1204,6 +1210,15 @@ impl Daemon {
                 ));
             }
         }
+        // A retry of an exec that started already returns it, even once the sandbox ended.
+        if let Some(x) = &req.exec_id {
+            if let Some(e) = self.exec_live(id, x) {
+                return Ok((e.info.borrow().clone(), false));
+            }
+            if let Ok(info) = self.store.exec(id, x) {
+                return Ok((info, false));
+            }
+        }
         let live = self.running(id, "exec").await?;
         let exec_id = req.exec_id.clone().unwrap_or_else(|| random_id("ex-", 16));
         let (cell, fresh) = {
@@ -1306,8 +1321,10 @@ impl Daemon {
         self.exec_latency.observe(t0.elapsed());
         let dir = self.output_dir(&live.id);
         let pty = p.pty.is_some();
-        let (stdout, stderr, stdin) = if let Some(m) = p.pty.take() {
-            let w = m.try_clone().map_err(internal)?;
+        // The master stays in the Process too (resize needs it); the pump and stdin get copies.
+        let (stdout, stderr, stdin) = if let Some(master) = p.pty.as_ref() {
+            let m = master.try_clone().map_err(internal)?;
+            let w = master.try_clone().map_err(internal)?;
             (
                 Spool::pump(dir.join(format!("{exec_id}.stdout")), m)?,
                 Spool::empty(),

@@ -375,9 +375,7 @@ async fn events(State(d): D, Path(id): Path<String>, RawQuery(q): RawQuery) -> R
             if !st.follow {
                 return None;
             }
-            let Some(rx) = st.rx.as_mut() else {
-                return None;
-            };
+            let rx = st.rx.as_mut()?;
             let after = st.after;
             if rx.wait_for(|s| s.events > after).await.is_err() {
                 // The sandbox left memory: read what the store has, then end.

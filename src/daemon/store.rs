@@ -562,6 +562,7 @@ pub fn not_found_sandbox(id: &str) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::EndReason;
 
     fn tmp() -> (tempdir::Dir, Store) {
         let d = tempdir::Dir::new();

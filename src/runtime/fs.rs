@@ -261,7 +261,7 @@ impl SandboxFs {
                 .read(true)
                 .custom_flags(libc::O_NOCTTY)
                 .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-                .map_err(|e| FsError::sys("open for reading", path, io_errno(&e)))
+                .map_err(|e| FsError::sys("read", path, io_errno(&e)))
         })
     }
 
@@ -481,10 +481,12 @@ impl SandboxFs {
     }
 }
 
-/// Run `f` on a new thread whose file credentials are the sandbox root's: fsuid/fsgid `base`
-/// (no supplementary groups, no filesystem capabilities) and its own umask of 0, so modes are
-/// exactly the ones asked for. The thread ends with `f`; this process's other threads keep
-/// their credentials.
+/// Run `f` on a new thread that acts on files as the sandbox's root and nothing more: fsuid and
+/// fsgid `base`, no supplementary groups, and no capabilities at all (the filesystem ones go
+/// with the fsuid; the rest — `CAP_SYSLOG`, `CAP_SYS_PTRACE`, … which procfs files consult at
+/// open — are cleared too, so a read shows what the sandbox itself would see). It also gets
+/// its own umask of 0, so modes are exactly the ones asked for. The thread ends with `f`; the
+/// process's other threads keep their credentials.
 fn as_sandbox_root<T: Send>(
     base: u32,
     path: &str,
@@ -498,8 +500,16 @@ fn as_sandbox_root<T: Send>(
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
                     .map_err(|e| FsError::sys("unshare the fs attributes to reach", path, e))?;
                 nix::sys::stat::umask(Mode::empty());
+                // Ids first: changing them needs CAP_SETUID/CAP_SETGID, cleared next.
                 sys::set_thread_fs_ids(base, base)
                     .map_err(|e| FsError::sys("take the sandbox root's ids to reach", path, e))?;
+                drop_thread_capabilities().map_err(|e| {
+                    FsError::new(
+                        FsErrorKind::Io(libc::EPERM),
+                        path,
+                        format!("failed to drop capabilities to reach {path}: {e}"),
+                    )
+                })?;
                 f()
             })
             .map_err(|e| FsError::sys("start a thread to reach", path, io_errno(&e)))?;
@@ -507,6 +517,21 @@ fn as_sandbox_root<T: Send>(
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
+}
+
+/// Clear the calling thread's effective, permitted and inheritable capability sets (capset(2)
+/// is per-thread; the ambient set empties with the permitted one), and check they are empty.
+fn drop_thread_capabilities() -> Result<(), caps::errors::CapsError> {
+    use caps::CapSet;
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+        caps::clear(None, set)?;
+    }
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Ambient] {
+        if !caps::read(None, set)?.is_empty() {
+            return Err(format!("the {set:?} set is not empty after clearing it").into());
+        }
+    }
+    Ok(())
 }
 
 /// A sandbox's root directory and its id range, for one call.

@@ -305,7 +305,9 @@ pub fn open_tree_clone(path: &std::path::Path) -> nix::Result<std::os::fd::Owned
 }
 
 /// `mount_setattr(2)` on the mount `mnt` (from [`open_tree_clone`], not attached yet): set the
-/// `MOUNT_ATTR_*` flags in `attr_set` and, with `userns`, id-map the mount through that user
+/// `MOUNT_ATTR_*` flags in `attr_set`, make it private (`MS_PRIVATE`: a clone of a shared or
+/// slave mount would otherwise stay in its peer group, and mount events would travel between
+/// the host and wherever it is attached) and, with `userns`, id-map it through that user
 /// namespace (`MOUNT_ATTR_IDMAP`; only a detached mount that was never id-mapped qualifies).
 pub fn mount_setattr(
     mnt: std::os::fd::BorrowedFd<'_>,
@@ -316,7 +318,7 @@ pub fn mount_setattr(
     let mut attr = MountAttr {
         attr_set,
         attr_clr: 0,
-        propagation: 0,
+        propagation: libc::MS_PRIVATE,
         userns_fd: 0,
     };
     if let Some(ns) = userns {

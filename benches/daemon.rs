@@ -1,0 +1,242 @@
+//! Latency through sbxd's socket, as a client program sees it: create a sandbox → first exec
+//! of `/bin/true` → its exit; a sandbox whose entrypoint is `/bin/true` from create to its
+//! returncode; the exec round trip into a running sandbox; 100 concurrent execs over one HTTP/2
+//! connection; and `sbx run /bin/true` end to end. `crun run` / `crun exec` on the same busybox
+//! rootfs are measured in the same run, and the ratios printed.
+//!
+//! Run as root: `cargo bench --bench daemon` (env `SBX_BENCH_ROUNDS`, default 200).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
+
+use sbx::api::{CreateSandbox, ExecRequest, StreamMode};
+use sbx::client::{Client, Sandbox};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// sbxd on its own socket and dirs, stopped (SIGTERM) when dropped.
+struct Daemon {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = support::test_root().join(format!("bench-daemon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sbxd"))
+            .arg("--socket")
+            .arg(dir.join("sbxd.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
+            .env("SBX_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sbxd.log")).unwrap())
+            .spawn()
+            .expect("start sbxd");
+        let sock = dir.join("sbxd.sock");
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "sbxd did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon { child, dir }
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.join("sbxd.sock")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn quiet(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        stdout: StreamMode::Devnull,
+        stderr: StreamMode::Devnull,
+        stdin: Some(false),
+        ..Default::default()
+    }
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("daemon bench: needs root");
+        return;
+    }
+    let rounds: usize = std::env::var("SBX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let rootfs = support::busybox_rootfs();
+    let image = format!("dir:{}", rootfs.display());
+    let daemon = Daemon::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(Client::connect_to(daemon.socket()))
+        .expect("connect");
+    println!(
+        "sbx daemon bench: {rounds} rounds, busybox rootfs {}, sbxd on {}",
+        rootfs.display(),
+        daemon.socket().display()
+    );
+    println!();
+    let params = || CreateSandbox {
+        image: Some(image.clone()),
+        ..Default::default()
+    };
+
+    // create → first exec of /bin/true → exit (the sandbox is deleted after each round,
+    // untimed: sbxd tears it down in the background).
+    let mut doomed = Vec::new();
+    let first_exec = measure(rounds, || {
+        let sb = rt.block_on(async {
+            let sb = Sandbox::create(&client, params()).await.expect("create");
+            let p = sb.exec_with(quiet(&["/bin/true"])).await.expect("exec");
+            assert_eq!(p.wait().await.expect("wait"), 0);
+            sb
+        });
+        doomed.push(sb);
+        if doomed.len() >= 8 {
+            rt.block_on(async {
+                for sb in doomed.drain(..) {
+                    sb.delete().await.expect("delete");
+                }
+            });
+        }
+    });
+    rt.block_on(async {
+        for sb in doomed.drain(..) {
+            sb.delete().await.expect("delete");
+        }
+    });
+
+    // An entrypoint /bin/true: create → returncode.
+    let entry = measure(rounds, || {
+        rt.block_on(async {
+            let sb = Sandbox::create(
+                &client,
+                CreateSandbox {
+                    entrypoint: vec!["/bin/true".into()],
+                    ..params()
+                },
+            )
+            .await
+            .expect("create");
+            assert_eq!(sb.wait().await.expect("wait"), 0);
+            sb.delete().await.expect("delete");
+        })
+    });
+
+    // Exec round trip into one running sandbox.
+    let sb = rt
+        .block_on(Sandbox::create(&client, params()))
+        .expect("create");
+    let exec = measure(rounds * 5, || {
+        rt.block_on(async {
+            let p = sb.exec_with(quiet(&["/bin/true"])).await.expect("exec");
+            assert_eq!(p.wait().await.expect("wait"), 0);
+        })
+    });
+
+    // 100 concurrent execs over the one connection.
+    let conc_rounds = (rounds / 10).max(5);
+    let concurrent = measure(conc_rounds, || {
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..100 {
+                let sb = sb.clone();
+                set.spawn(async move {
+                    let p = sb
+                        .exec(["/bin/echo", &format!("n{i}")])
+                        .await
+                        .expect("exec");
+                    let out = p.stdout().read_text().await.expect("read");
+                    assert_eq!(out, format!("n{i}\n"));
+                    assert_eq!(p.wait().await.expect("wait"), 0);
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.expect("task");
+            }
+        })
+    });
+    rt.block_on(sb.delete()).expect("delete");
+
+    // `sbx run` end to end, the CLI talking to the running daemon.
+    let sbx = env!("CARGO_BIN_EXE_sbx");
+    let cli = measure(rounds, || {
+        assert!(run_quiet(
+            Command::new(sbx)
+                .arg("--socket")
+                .arg(daemon.socket())
+                .arg("--no-autostart")
+                .args(["run", "--image", &image, "--", "/bin/true"])
+        ));
+    });
+
+    println!("{:<48} {:>10} {:>10}", "measure", "median ms", "p90 ms");
+    row("create → first exec /bin/true → exit", &first_exec);
+    row("create with entrypoint /bin/true → returncode", &entry);
+    row("exec /bin/true round trip", &exec);
+    row("100 concurrent execs (echo, read, wait)", &concurrent);
+    row("sbx run /bin/true (CLI, end to end)", &cli);
+    println!(
+        "  100 concurrent execs: {:.0} execs/s",
+        100.0 / concurrent.median.as_secs_f64()
+    );
+
+    let work = support::test_root().join("bench-daemon-peers");
+    let mounted = ensure_hugetlb_v1();
+    if let Some((run, exec_peer)) = peer("crun", &rootfs, &work, rounds) {
+        row("crun run /bin/true", &run);
+        if let Some(e) = &exec_peer {
+            row("crun exec /bin/true", e);
+        }
+        println!();
+        println!("ratios (sbx through the socket / crun; below 1.0 is faster):");
+        println!(
+            "  create+first exec vs crun run: {:.2}x (target ≤ 0.5)",
+            ms(first_exec.median) / ms(run.median)
+        );
+        println!(
+            "  create with entrypoint vs crun run: {:.2}x",
+            ms(entry.median) / ms(run.median)
+        );
+        println!(
+            "  sbx run (CLI) vs crun run: {:.2}x",
+            ms(cli.median) / ms(run.median)
+        );
+        if let Some(e) = &exec_peer {
+            println!(
+                "  exec round trip vs crun exec: {:.2}x (target ≤ 0.25)",
+                ms(exec.median) / ms(e.median)
+            );
+        }
+    }
+    release_hugetlb(mounted);
+    let _ = std::fs::remove_dir_all(&work);
+    drop(daemon);
+}
