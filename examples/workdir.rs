@@ -1,5 +1,6 @@
-//! Guide, "Configuration" (JavaScript/Go tab): a volume at /data and the working directory
-//! /repo, where the entrypoint and every exec start.
+//! Guide, "Configuration" (JavaScript/Go tab): a volume and the working directory /repo, where
+//! the entrypoint and every exec start. The guide mounts the volume at /data; here it holds
+//! /repo itself, which the host image does not have (sbxd does not create a missing workdir).
 
 use sbx::client::{Client, CreateSandbox, Sandbox, VolumeMount};
 
@@ -12,7 +13,7 @@ async fn main() -> sbx::client::Result<()> {
             app: Some("my-app".into()),
             volumes: vec![VolumeMount {
                 name: "my-volume".into(),
-                path: "/data".into(),
+                path: "/repo".into(),
                 read_only: false,
             }],
             workdir: Some("/repo".into()),

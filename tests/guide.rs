@@ -773,6 +773,28 @@ async fn workdir() {
     d.finish().await;
 }
 
+/// Guide, Configuration (JavaScript tab): `workdir: "/repo"` on an image without /repo works in
+/// Modal, as with runc and Docker, which create a missing working directory.
+#[tokio::test]
+#[ignore = "sbxd bug: a sandbox workdir that does not exist in the image is not created; every exec then fails with not_found (chdir ENOENT)"]
+async fn missing_workdir_is_created() {
+    let d = TestDaemon::start("workdir-missing").await;
+    let c = d.client().await;
+    let sb = create(
+        &c,
+        CreateSandbox {
+            workdir: Some("/repo".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = sb.exec(["pwd"]).await;
+    terminate(&sb).await;
+    let p = r.expect("exec in a sandbox whose workdir was missing from the image");
+    assert_eq!(p.stdout().read_text().await.expect("read"), "/repo\n");
+    d.finish().await;
+}
+
 /// Guide, Running a Sandbox with an entrypoint: `python -m http.server 8080` with timeout;
 /// `for line in sb.stdout` streams its output, which stays readable after the end.
 #[tokio::test]

@@ -332,44 +332,61 @@ fn background_cleanup_finishes_after_destroy_returns() {
     }
 }
 
-/// Start `sbx run` with `script` on the busybox image, wait until its sandbox is up, SIGKILL
-/// the CLI, and return the sandbox's id.
-fn sandbox_of_a_killed_cli(cfg: &sbx::runtime::RuntimeConfig, script: &str) -> String {
-    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_sbx"))
+/// Start sbxd, create a sandbox running `script` on the busybox image through its socket (plain
+/// HTTP/1.1), wait until the sandbox is up, SIGKILL sbxd, and return the sandbox's id.
+fn sandbox_of_a_killed_daemon(cfg: &sbx::runtime::RuntimeConfig, script: &str) -> String {
+    use std::io::{Read, Write};
+    let sock = cfg.run_dir.join("sbxd.sock");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_sbxd"))
+        .arg("--socket")
+        .arg(&sock)
         .arg("--state-dir")
         .arg(&cfg.state_dir)
         .arg("--run-dir")
         .arg(&cfg.run_dir)
-        .args(["run", "--image"])
-        .arg(format!("dir:{}", busybox_rootfs().display()))
-        .args(["--", "sh", "-c", script])
         .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
-        .stdout(std::process::Stdio::null())
+        .env("SBX_LOG", "warn")
+        .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let id = loop {
-        let up = Sandbox::list(cfg).into_iter().find(|id| {
-            cfg.run_dir
-                .join("sandboxes")
-                .join(id)
-                .join("state.json")
-                .exists()
-        });
-        if let Some(id) = up {
-            break id;
+    let mut conn = loop {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(&sock) {
+            break c;
         }
-        assert!(std::time::Instant::now() < deadline, "no sandbox appeared");
+        assert!(std::time::Instant::now() < deadline, "sbxd did not start");
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    cli.kill().unwrap();
-    cli.wait().unwrap();
+    let body = serde_json::json!({
+        "image": format!("dir:{}", busybox_rootfs().display()),
+        "entrypoint": ["sh", "-c", script],
+    })
+    .to_string();
+    write!(
+        conn,
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: sbx\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    let json = &reply[reply.find("\r\n\r\n").unwrap() + 4..];
+    let info: serde_json::Value = serde_json::from_str(json).unwrap();
+    let id = info["id"].as_str().unwrap().to_string();
+    let state = cfg.run_dir.join("sandboxes").join(&id).join("state.json");
+    while !state.exists() {
+        assert!(std::time::Instant::now() < deadline, "no sandbox appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
     id
 }
 
 #[test]
 fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
-    // `sbx run` spawns a sandbox and is SIGKILLed: the sandbox keeps running; another process
+    // sbxd spawns a sandbox and is SIGKILLed: the sandbox keeps running; another process
     // adopts it by id, execs in it, sees its end, and tears it down completely.
     let dirs = test_root().join("adopt");
     let cfg = sbx::runtime::RuntimeConfig {
@@ -377,7 +394,7 @@ fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
         run_dir: dirs.join("run"),
         ..config()
     };
-    let id = sandbox_of_a_killed_cli(&cfg, "echo up > /tmp/up; sleep 1000");
+    let id = sandbox_of_a_killed_daemon(&cfg, "echo up > /tmp/up; sleep 1000");
 
     let sb = Sandbox::adopt(&cfg, &id).unwrap();
     // The entrypoint may need a moment to write its file.
@@ -406,7 +423,7 @@ fn a_sandbox_outlives_its_spawner_and_can_be_adopted() {
     assert!(e.contains("state.json"), "{e}");
 
     // An adopted sandbox whose entrypoint exits on its own reports that exit code.
-    let id = sandbox_of_a_killed_cli(&cfg, "sleep 1; exit 42");
+    let id = sandbox_of_a_killed_daemon(&cfg, "sleep 1; exit 42");
     let sb = Sandbox::adopt(&cfg, &id).unwrap();
     assert_eq!(sb.wait().unwrap().code(), 42);
     sb.destroy().unwrap();

@@ -1293,7 +1293,17 @@ impl Daemon {
         let t0 = Instant::now();
         live.active_execs.fetch_add(1, Ordering::SeqCst);
         live.touch();
-        let started = tokio::task::spawn_blocking(move || sb.exec(spec)).await;
+        let started = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let r = sb.exec(spec);
+            tracing::debug!(us = t.elapsed().as_micros() as u64, "runtime exec");
+            r
+        })
+        .await;
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "exec started (with hop)"
+        );
         let mut p = match started {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
@@ -1366,6 +1376,7 @@ impl Daemon {
             pty,
         };
         self.store.insert_exec(&info)?;
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "exec recorded");
         let e = Arc::new(ExecLive {
             info: watch::Sender::new(info),
             stdout,

@@ -627,6 +627,9 @@ pub async fn serve(d: Arc<Daemon>) -> Result<(), String> {
         .map_err(|e| format!("bind {}: {e}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| format!("chmod {}: {e}", sock.display()))?;
+    // Its pid, for scripts and operators that stop it (removed on a clean stop).
+    let pid_file = d.cfg.state_dir.join("sbxd.pid");
+    let _ = std::fs::write(&pid_file, format!("{}\n", std::process::id()));
     tracing::info!(socket = %sock.display(), state = %d.cfg.state_dir.display(), "sbxd serving");
     let app = router(d.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -664,6 +667,7 @@ pub async fn serve(d: Arc<Daemon>) -> Result<(), String> {
     drop(listener);
     let _ = std::fs::remove_file(&sock);
     d.shutdown().await;
+    let _ = std::fs::remove_file(&pid_file);
     let _ = SandboxStatus::Finished;
     Ok(())
 }

@@ -498,20 +498,20 @@ fn fd_path(fd: &OwnedFd) -> std::io::Result<PathBuf> {
 /// before anything is created there: nothing under `/proc`, `/sys` or `/dev`, and the target
 /// itself is not the root.
 fn make_mount_points(cfg: &HelperConfig) -> Result<Vec<(u64, u64)>, HelperError> {
-    use nix::fcntl::{open, OFlag};
-    use nix::sys::stat::Mode;
+    use std::os::unix::fs::OpenOptionsExt;
     if cfg.mounts.is_empty() {
         return Ok(Vec::new());
     }
     let merged = &cfg.rootfs.merged;
-    let root = owned(sys(
-        format!("open the rootfs {}", merged.display()),
-        open(
-            merged,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ),
-    )?);
+    let root: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(merged)
+        .map_err(|source| HelperError::Io {
+            step: format!("open the rootfs {}", merged.display()),
+            source,
+        })?
+        .into();
     let root_path = fd_path(&root).map_err(|source| HelperError::Io {
         step: format!("find where the rootfs {} is", merged.display()),
         source,
@@ -574,7 +574,6 @@ impl RootDir {
 /// `mkdir -p` of `target` below the root, resolving every prefix inside it; returns the
 /// target directory (`O_PATH`). New directories are 0755 and owned by `owner` (uid and gid).
 fn make_dirs_in_root(root: &RootDir, target: &str, owner: u32) -> Result<OwnedFd, HelperError> {
-    use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::{mkdirat, Mode};
     let resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     let lookup = |p: &Path| {
@@ -609,15 +608,15 @@ fn make_dirs_in_root(root: &RootDir, target: &str, owner: u32) -> Result<OwnedFd
                     }
                     Err(source) => return Err(HelperError::Sys { step, source }),
                 }
-                let made = owned(sys(
+                let made = sys(
                     step.clone(),
-                    openat(
-                        Some(at.as_raw_fd()),
-                        comp,
-                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                        Mode::empty(),
+                    super::sys::openat2(
+                        at.as_fd(),
+                        Path::new(comp),
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        libc::RESOLVE_NO_SYMLINKS,
                     ),
-                )?);
+                )?;
                 let uid = Some(nix::unistd::Uid::from_raw(owner));
                 let gid = Some(nix::unistd::Gid::from_raw(owner));
                 sys(
@@ -725,9 +724,4 @@ fn fs_name(fd: &OwnedFd) -> String {
         _ => return format!("unknown (magic {magic:#x})"),
     };
     name.into()
-}
-
-fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: `fd` was just returned by open(2)/openat(2) and is owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }

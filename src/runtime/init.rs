@@ -278,19 +278,18 @@ fn receive_volumes(cfg: &HelperConfig, sync: &OwnedFd) -> Result<Vec<Volume>, Se
 /// resolved as the helper did (`RESOLVE_IN_ROOT`: image symlinks stay inside the rootfs) and
 /// must be the very directory the helper created and checked (same device and inode).
 fn attach_volumes(cfg: &HelperConfig, volumes: Vec<Volume>) -> Result<(), SetupError> {
-    use nix::fcntl::{open, OFlag};
-    use nix::sys::stat::Mode;
+    use std::os::unix::fs::OpenOptionsExt;
     if volumes.is_empty() {
         return Ok(());
     }
-    let root = owned(step(
+    let root: OwnedFd = step(
         "open the new root",
-        open(
-            ".",
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ),
-    )?);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open("."),
+    )?
+    .into();
     for (m, v) in cfg.mounts.iter().zip(volumes) {
         let what = format!("open the mount point {}", m.target);
         let target = step(
