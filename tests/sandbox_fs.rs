@@ -326,6 +326,14 @@ fn remove_files_dirs_and_trees_without_following_symlinks() {
     let pid = std::process::id();
     let host_dir = PathBuf::from(format!("/tmp/sbx-fs-keep-{pid}"));
     std::fs::create_dir_all(&host_dir).unwrap();
+    /// Removes the host directory also when an assertion fails.
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(host_dir.clone());
     let host_file = HostMarker::new(host_dir.join("file").display().to_string());
     let sb = spawn(ImageRef::Dir(busybox_rootfs()));
     let fs = sb.fs();
@@ -388,8 +396,6 @@ fn remove_files_dirs_and_trees_without_following_symlinks() {
         FsErrorKind::PermissionDenied
     );
     assert!(std::path::Path::new(&busybox_rootfs().join("etc/passwd")).exists());
-    drop(host_file);
-    std::fs::remove_dir_all(&host_dir).unwrap();
 }
 
 #[test]

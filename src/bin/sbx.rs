@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 const EXAMPLES: &str = "\
 Examples:
   sbx run -- python3 -c \"print('hello')\"
-  id=$(sbx create --name web --timeout 10m -- python3 -m http.server 8000)
-  sbx exec web -- curl -s localhost:8000
+  sbx create --name web --timeout 10m --probe-tcp 8000 -- python3 -m http.server 8000
+  sbx wait-ready web && sbx exec web -- ls -l /tmp
   sbx ls --json
   sbx terminate --wait web
 
@@ -47,18 +47,19 @@ struct Cli {
 #[derive(Args)]
 struct Global {
     /// The daemon's socket.
-    #[arg(long, global = true, env = "SBX_SOCKET", default_value = api::DEFAULT_SOCKET, value_name = "PATH")]
+    #[arg(long, global = true, help_heading = "Global options", env = "SBX_SOCKET", default_value = api::DEFAULT_SOCKET, value_name = "PATH")]
     socket: PathBuf,
     /// Print JSON (output streamed from sandboxes stays raw bytes).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// Fail instead of starting sbxd when no daemon answers on the socket.
-    #[arg(long, global = true, env = "SBX_NO_AUTOSTART", value_parser = FalseyValueParser::new())]
+    #[arg(long, global = true, help_heading = "Global options", env = "SBX_NO_AUTOSTART", value_parser = FalseyValueParser::new())]
     no_autostart: bool,
     /// The daemon's persistent state (images, layers, volumes, secrets, metadata).
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "SBX_STATE_DIR",
         default_value = "/var/lib/sbx",
         value_name = "DIR"
@@ -68,6 +69,7 @@ struct Global {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "SBX_RUN_DIR",
         default_value = "/run/sbx",
         value_name = "DIR"
@@ -136,19 +138,19 @@ enum Cmd {
     /// Manage named secrets (environment variables given to sandboxes with --secret).
     #[command(
         subcommand,
-        after_help = "Example:\n  sbx secret create openai OPENAI_API_KEY=sk-...\n  sbx run --secret openai -- env"
+        after_help = "Examples:\n  sbx secret create openai OPENAI_API_KEY=sk-...\n  sbx run --secret openai -- env"
     )]
     Secret(SecretCmd),
     /// Manage named volumes (created on first use with -v NAME:/PATH).
     #[command(
         subcommand,
-        after_help = "Example:\n  sbx volume ls\n  sbx volume rm cache"
+        after_help = "Examples:\n  sbx volume ls\n  sbx volume rm cache"
     )]
     Volume(VolumeCmd),
     /// Read, write and list files inside a running sandbox.
     #[command(
         subcommand,
-        after_help = "Example:\n  echo hi | sbx fs write web /tmp/x\n  sbx fs read web /tmp/x"
+        after_help = "Examples:\n  echo hi | sbx fs write web /tmp/x\n  sbx fs read web /tmp/x"
     )]
     Fs(FsCmd),
     /// Print the versions of sbx and (when one answers) sbxd.

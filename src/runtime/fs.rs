@@ -550,7 +550,7 @@ impl Root {
         // then prove the walk stayed inside): retry a bounded number of times.
         let mut tries = 0;
         loop {
-            match sys::openat2(self.fd.as_fd(), Path::new(if path.trim_start_matches('/').is_empty() { "." } else { path.trim_start_matches('/') }), flags.bits(), resolve & !libc::RESOLVE_IN_ROOT) {
+            match sys::openat2(self.fd.as_fd(), Path::new(path), flags.bits(), resolve) {
                 Err(Errno::EAGAIN | Errno::EINTR) if tries < 100 => tries += 1,
                 r => return r.map_err(|e| FsError::sys(step, path, e)),
             }

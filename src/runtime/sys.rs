@@ -399,14 +399,15 @@ pub fn set_thread_fs_ids(uid: u32, gid: u32) -> nix::Result<()> {
     // SAFETY: a zero-length list with a NULL pointer: the kernel reads no memory.
     let ret = unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) };
     nix::errno::Errno::result(ret)?;
-    // SAFETY (this block and the next three): integer arguments only. An id of -1 is invalid,
-    // so the kernel changes nothing and returns the current id: that is the read-back.
+    // An id of -1 is invalid: the kernel then changes nothing and returns the current id,
+    // which is the read-back below.
+    // SAFETY: integer arguments only.
     unsafe { libc::syscall(libc::SYS_setfsgid, gid) };
-    // SAFETY: as above.
+    // SAFETY: integer arguments only.
     unsafe { libc::syscall(libc::SYS_setfsuid, uid) };
-    // SAFETY: as above.
+    // SAFETY: integer arguments only.
     let now_gid = unsafe { libc::syscall(libc::SYS_setfsgid, u32::MAX) } as u32;
-    // SAFETY: as above.
+    // SAFETY: integer arguments only.
     let now_uid = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) } as u32;
     if now_uid != uid || now_gid != gid {
         return Err(nix::errno::Errno::EPERM);
