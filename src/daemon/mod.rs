@@ -86,6 +86,28 @@ fn random_id(prefix: &str, n: usize) -> String {
     s
 }
 
+/// Run `f` on its own small thread and await its result. For waits that may last as long as a
+/// sandbox or a process lives: tokio's blocking pool is bounded (512), so parking one of its
+/// threads per running sandbox and exec would starve every other blocking call under load.
+fn waiter_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, String>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    async move {
+        match spawned {
+            Ok(_) => rx.await.map_err(|_| "the waiting thread died".to_string()),
+            Err(e) => Err(format!("start a waiting thread: {e}")),
+        }
+    }
+}
+
 /// Latency histogram for /metrics (seconds).
 pub(crate) struct Histogram {
     buckets: &'static [f64],
@@ -869,9 +891,9 @@ impl Daemon {
             // Keep the process (its exit report feeds the sandbox's OOM attribution).
             let pr = Arc::new(Mutex::new(p));
             let pr2 = pr.clone();
-            tokio::task::spawn_blocking(move || {
+            drop(waiter_thread("sbx-entry-wait", move || {
                 let _ = lock(&pr2).wait();
-            });
+            }));
         } else {
             entry_out.close();
             entry_err.close();
@@ -892,7 +914,8 @@ impl Daemon {
         }
 
         let sbw = sb.clone();
-        let mut waited = tokio::task::spawn_blocking(move || sbw.wait());
+        let waited = waiter_thread("sbx-sandbox-wait", move || sbw.wait());
+        tokio::pin!(waited);
         let deadline = tokio::time::Instant::now()
             + Duration::from_secs(
                 live.config
@@ -1020,7 +1043,7 @@ impl Daemon {
             } else if let Some(argv) = p.exec_argv.clone() {
                 let env = self.process_env(&live, &BTreeMap::new());
                 let cwd = live.config.workdir.clone();
-                tokio::task::spawn_blocking(move || {
+                waiter_thread("sbx-probe", move || {
                     let spec = ExecSpec {
                         argv,
                         env,
@@ -1391,7 +1414,7 @@ impl Daemon {
         let timeout = req.timeout_secs.map(Duration::from_secs);
         tokio::spawn(async move {
             let pr = ex.process.clone();
-            let exit = tokio::task::spawn_blocking(move || {
+            let exit = waiter_thread("sbx-exec-wait", move || {
                 let mut timed_out = false;
                 {
                     let p = pr.read().unwrap_or_else(|x| x.into_inner());
