@@ -11,7 +11,7 @@ async fn main() -> sbx::client::Result<()> {
         &client,
         CreateSandbox {
             app: Some("my-app".into()),
-            entrypoint: vec!["sleep".into(), "1".into()],
+            entrypoint: vec!["sleep".into(), "2".into()],
             readiness_probe: Some(Probe::exec(["true"])),
             ..Default::default()
         },

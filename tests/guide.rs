@@ -806,7 +806,7 @@ async fn entrypoint_output() {
         CreateSandbox {
             entrypoint: argv(&["python3", "-m", "http.server", "8080"]),
             env: map(&[("PYTHONUNBUFFERED", "1")]),
-            timeout_secs: Some(4),
+            timeout_secs: Some(5),
             readiness_probe: Some(Probe::tcp(8080)),
             ..Default::default()
         },
@@ -1051,7 +1051,7 @@ async fn lifecycle_events() {
     let sb = create(
         &c,
         CreateSandbox {
-            entrypoint: argv(&["sleep", "1"]),
+            entrypoint: argv(&["sleep", "3"]),
             readiness_probe: Some(Probe::exec(["true"])),
             ..Default::default()
         },

@@ -1353,40 +1353,16 @@ fn terminal_size() -> PtySize {
 // logs, secrets, volumes, files, version
 
 /// The entrypoint's output: all of it so far, or (`follow`) until it ends.
-///
-/// The client library's readers always follow, so without `follow`: a finished sandbox's
-/// output is read to its end (which is then near), a running one's until no byte came for
-/// [`LOGS_QUIET`] (the readers are cancel-safe: stopping loses nothing we printed).
 async fn logs(sb: &Sandbox, follow: bool) -> Result<(), CliError> {
     let (out, err) = (sb.stdout(), sb.stderr());
-    if follow || sb.poll().await?.is_some() {
+    if follow {
         tokio::try_join!(copy_out(&out, Out::Stdout), copy_out(&err, Out::Stderr))?;
         return Ok(());
     }
-    tokio::try_join!(
-        copy_available(&out, Out::Stdout),
-        copy_available(&err, Out::Stderr)
-    )?;
+    let ((o, _), (e, _)) = tokio::try_join!(out.read_available(), err.read_available())?;
+    write_stdout(&o)?;
+    write_stderr(&e)?;
     Ok(())
-}
-
-/// How long `logs` without -f waits for more output from a running sandbox before it stops.
-const LOGS_QUIET: Duration = Duration::from_millis(200);
-
-/// What a stream holds now: chunks until EOF or until none arrives for [`LOGS_QUIET`].
-async fn copy_available(r: &StreamReader, to: Out) -> Result<(), CliError> {
-    loop {
-        match tokio::time::timeout(LOGS_QUIET, r.next_chunk()).await {
-            Err(_elapsed) => return Ok(()),
-            Ok(chunk) => match chunk? {
-                None => return Ok(()),
-                Some(c) => match to {
-                    Out::Stdout => write_stdout(&c)?,
-                    Out::Stderr => write_stderr(&c)?,
-                },
-            },
-        }
-    }
 }
 
 async fn secret(client: &Client, g: &Global, c: SecretCmd) -> Result<u8, CliError> {

@@ -211,6 +211,47 @@ impl StreamReader {
         }
     }
 
+    /// What the stream holds now, from the current offset, without waiting for more
+    /// (`follow=false`), and whether that is the end of the stream. Advances the offset.
+    pub async fn read_available(&self) -> Result<(Vec<u8>, bool)> {
+        use http_body_util::BodyExt;
+        self.guard.check("reading output")?;
+        let mut st = self.state.lock().await;
+        let mut out = st.lines.take_all().to_vec();
+        self.delivered.fetch_add(out.len() as u64, Ordering::SeqCst);
+        if st.eof {
+            return Ok((out, true));
+        }
+        // Any open following response is dropped; bytes it had not handed out are asked again.
+        st.body = None;
+        let offset = st.received;
+        let path = format!("{}?offset={offset}&follow=false", self.path);
+        let response = self
+            .client
+            .send(Method::GET, &path, &Payload::Empty, Retry::Always)
+            .await?;
+        let eof = response
+            .headers()
+            .get("sbx-eof")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v == "true")
+            .unwrap_or(false);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::Transport(format!("reading {path}: {}", chain(&e))))?
+            .to_bytes();
+        st.received += body.len() as u64;
+        self.delivered
+            .fetch_add(body.len() as u64, Ordering::SeqCst);
+        out.extend_from_slice(&body);
+        if eof {
+            st.eof = true;
+        }
+        Ok((out, eof))
+    }
+
     /// Everything from the current offset to the end of the stream.
     pub async fn read_to_end(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();

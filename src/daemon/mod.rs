@@ -1359,7 +1359,7 @@ impl Daemon {
             let m = master.try_clone().map_err(internal)?;
             let w = master.try_clone().map_err(internal)?;
             (
-                Spool::pump(dir.join(format!("{exec_id}.stdout")), m)?,
+                Spool::pump(dir.join(format!("exec-{exec_id}.stdout")), m)?,
                 Spool::empty(),
                 if want_stdin {
                     Stdin::new(w)?
@@ -1370,11 +1370,11 @@ impl Daemon {
         } else {
             (
                 match p.stdout.take() {
-                    Some(o) => Spool::pump(dir.join(format!("{exec_id}.stdout")), o)?,
+                    Some(o) => Spool::pump(dir.join(format!("exec-{exec_id}.stdout")), o)?,
                     None => Spool::empty(),
                 },
                 match p.stderr.take() {
-                    Some(e) => Spool::pump(dir.join(format!("{exec_id}.stderr")), e)?,
+                    Some(e) => Spool::pump(dir.join(format!("exec-{exec_id}.stderr")), e)?,
                     None => Spool::empty(),
                 },
                 match p.stdin.take() {
@@ -1523,7 +1523,7 @@ impl Daemon {
                 }
                 self.store.exec(id, x)?;
                 Ok(Spool::finished(self.output_dir(id).join(format!(
-                    "{x}.{}",
+                    "exec-{x}.{}",
                     if stderr { "stderr" } else { "stdout" }
                 ))))
             }

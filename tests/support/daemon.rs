@@ -150,8 +150,8 @@ impl TestDaemon {
     }
 
     /// Asserts the test left no sandbox running, stops sbxd (SIGTERM, by pid) and asserts it
-    /// exited cleanly and left no per-sandbox run directory and no mount; then removes the
-    /// test's directory.
+    /// exited cleanly and left no per-sandbox directory (run or state) and no mount; then removes
+    /// the test's directory.
     pub async fn finish(mut self) {
         let client = self.client().await;
         // A `terminate(wait=false)` just before may still be under way: give it a moment.
@@ -192,20 +192,22 @@ impl TestDaemon {
             "sbxd exited with {status}; log:\n{}",
             self.log()
         );
-        let sandboxes = self.root.join("run/sandboxes");
-        let left: Vec<String> = std::fs::read_dir(&sandboxes)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        assert!(
-            left.is_empty(),
-            "sbxd left sandbox run directories in {}: {left:?}; log:\n{}",
-            sandboxes.display(),
-            self.log()
-        );
+        for dir in ["run/sandboxes", "state/sandboxes"] {
+            let sandboxes = self.root.join(dir);
+            let left: Vec<String> = std::fs::read_dir(&sandboxes)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(
+                left.is_empty(),
+                "sbxd left per-sandbox directories in {}: {left:?}; log:\n{}",
+                sandboxes.display(),
+                self.log()
+            );
+        }
         assert_no_mounts_under(&self.root);
         remove_root(&self.root);
     }
