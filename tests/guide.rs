@@ -235,27 +235,18 @@ async fn idle_timeout_fires_only_when_idle() {
         )
         .await;
         let p = sb.exec(["sleep", "4"]).await.expect("exec sleep");
-        assert_eq!(p.wait().await.expect("wait exec"), 0);
+        // Past the idle timeout, but the exec runs: the sandbox stays.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(
             sb.poll().await.expect("poll"),
             None,
             "the sandbox idled out while an exec ran"
         );
+        assert_eq!(p.poll().await.expect("exec poll"), None);
+        assert_eq!(p.wait().await.expect("wait exec"), 0);
         assert_eq!(sb.wait_returncode().await.expect("wait"), 0);
         let info = sb.info().await.expect("info");
         assert_eq!(info.end_reason, Some(EndReason::IdleTimeout));
-        let exec_end = p
-            .info()
-            .await
-            .expect("exec info")
-            .finished_at
-            .expect("ended");
-        let end = info.finished_at.expect("finished_at");
-        assert!(
-            end - exec_end >= 1.5,
-            "idle timeout of 2 s fired {} s after the exec ended",
-            end - exec_end
-        );
     };
 
     let busy_stdin = async {
@@ -289,6 +280,46 @@ async fn idle_timeout_fires_only_when_idle() {
     };
 
     tokio::join!(idle_alone, busy_exec, busy_stdin);
+    d.finish().await;
+}
+
+/// Guide, Idle Timeouts: the idle time counts from the end of the last exec, so the sandbox is
+/// still there right after a long exec and ends `idle_timeout` later.
+#[tokio::test]
+async fn idle_timeout_counts_from_the_end_of_an_exec() {
+    let d = TestDaemon::start("idle-after-exec").await;
+    let c = d.client().await;
+    let sb = create(
+        &c,
+        CreateSandbox {
+            idle_timeout_secs: Some(2),
+            timeout_secs: Some(120),
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = sb.exec(["sleep", "4"]).await.expect("exec sleep");
+    assert_eq!(p.wait().await.expect("wait exec"), 0);
+    assert_eq!(
+        sb.poll().await.expect("poll"),
+        None,
+        "the sandbox ended as the exec ended, not idle_timeout later"
+    );
+    assert_eq!(sb.wait_returncode().await.expect("wait"), 0);
+    let info = sb.info().await.expect("info");
+    assert_eq!(info.end_reason, Some(EndReason::IdleTimeout));
+    let exec_end = p
+        .info()
+        .await
+        .expect("exec info")
+        .finished_at
+        .expect("ended");
+    let end = info.finished_at.expect("finished_at");
+    assert!(
+        end - exec_end >= 1.5,
+        "idle timeout of 2 s fired {} s after the exec ended",
+        end - exec_end
+    );
     d.finish().await;
 }
 

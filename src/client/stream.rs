@@ -157,8 +157,12 @@ impl StreamReader {
 
     /// The same stream read from `offset` instead (e.g. to resume where an earlier reader, or
     /// an earlier run of the program, stopped).
-    pub fn at(self, offset: u64) -> StreamReader {
+    /// (A new reader with its own position; this one is left as it is.)
+    pub fn at(&self, offset: u64) -> StreamReader {
         StreamReader {
+            client: self.client.clone(),
+            path: self.path.clone(),
+            guard: self.guard.clone(),
             delivered: AtomicU64::new(offset),
             state: tokio::sync::Mutex::new(ReadState {
                 received: offset,
@@ -166,7 +170,6 @@ impl StreamReader {
                 lines: LineBuffer::default(),
                 eof: false,
             }),
-            ..self
         }
     }
 

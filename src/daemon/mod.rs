@@ -935,8 +935,15 @@ impl Daemon {
                     let _ = tokio::task::spawn_blocking(move || s.kill()).await;
                 }
             }
-            let idle_at =
-                idle.map(|i| tokio::time::Instant::from_std(*lock(&live.last_activity) + i));
+            // While an exec runs the sandbox is active: look again in a second (an exec's end
+            // also wakes us through `activity`); idle, the deadline is last activity + idle.
+            let idle_at = idle.map(|i| {
+                if live.active_execs.load(Ordering::SeqCst) > 0 {
+                    tokio::time::Instant::now() + Duration::from_secs(1)
+                } else {
+                    tokio::time::Instant::from_std(*lock(&live.last_activity) + i)
+                }
+            });
             tokio::select! {
                 r = &mut waited => break r,
                 _ = tokio::time::sleep_until(deadline), if requested.is_none() => {
@@ -1330,6 +1337,7 @@ impl Daemon {
         let mut p = match started {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
+                live.touch();
                 live.active_execs.fetch_sub(1, Ordering::SeqCst);
                 live.touch();
                 let code = match e {
@@ -1347,7 +1355,9 @@ impl Daemon {
                 return Err(ApiError::new(code, e.to_string()));
             }
             Err(e) => {
+                live.touch();
                 live.active_execs.fetch_sub(1, Ordering::SeqCst);
+                live.touch();
                 return Err(internal(format!("exec panicked: {e}")));
             }
         };
@@ -1455,6 +1465,9 @@ impl Daemon {
                 tracing::error!(error = %err, "record exec exit");
             }
             ex.info.send_replace(info);
+            // Activity first: the supervisor must never see no exec running with an old
+            // last-activity time (it would end the sandbox the moment this exec exits).
+            live.touch();
             live.active_execs.fetch_sub(1, Ordering::SeqCst);
             live.touch();
         });
