@@ -19,6 +19,9 @@ use std::sync::Arc;
 
 type R<T> = Result<T, Fail>;
 
+/// An upload that sends nothing for this long is abandoned.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub(crate) fn fs_routes() -> Router<Arc<Daemon>> {
     let base = "/v1/sandboxes/{id}/fs";
     Router::new()
@@ -75,15 +78,8 @@ pub(crate) fn file_info(f: FileStat) -> api::FileInfo {
     }
 }
 
-fn query(raw: Option<String>) -> Vec<(String, String)> {
-    raw.unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (super::server::pct_decode(k), super::server::pct_decode(v))
-        })
-        .collect()
+fn query(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+    Ok(super::server::Q::new(raw)?.0)
 }
 
 fn path_param(q: &[(String, String)]) -> Result<String, ApiError> {
@@ -137,10 +133,9 @@ async fn read(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> R<Response> {
-    let path = path_param(&query(q))?;
+    let path = path_param(&query(q)?)?;
     let fs = sandbox_fs(&d, &id).await?;
     let file = blocking(move || fs.read_file(&path)).await?;
-    let size = file.metadata().map(|m| m.len()).ok();
     let f = tokio::fs::File::from_std(file);
     let body = futures_util::stream::unfold(Some(f), |f| async move {
         use tokio::io::AsyncReadExt;
@@ -160,10 +155,7 @@ async fn read(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let Some(n) = size {
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-    }
+    // No Content-Length: /proc files report size 0, and a file may change while it is read.
     Ok(resp)
 }
 
@@ -195,20 +187,30 @@ async fn write(
     RawQuery(q): RawQuery,
     body: Body,
 ) -> R<Json<api::FileInfo>> {
-    let path = path_param(&query(q))?;
+    let path = path_param(&query(q)?)?;
     let fs = sandbox_fs(&d, &id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let feeder = tokio::spawn(async move {
         let mut s = body.into_data_stream();
-        while let Some(chunk) = s.next().await {
-            let item = chunk.map_err(|e| e.to_string());
+        loop {
+            // A client that stops sending is cut off (the write fails, the old file stays).
+            let item = match tokio::time::timeout(BODY_IDLE, s.next()).await {
+                Ok(Some(chunk)) => chunk.map_err(|e| e.to_string()),
+                Ok(None) => break,
+                Err(_) => Err(format!(
+                    "the request body sent nothing for {} s",
+                    BODY_IDLE.as_secs()
+                )),
+            };
             let stop = item.is_err();
             if tx.send(item).await.is_err() || stop {
                 break;
             }
         }
     });
-    let st = blocking(move || {
+    // Its own thread, not the bounded blocking pool: an upload lasts as long as the client
+    // takes to send it.
+    let st = super::waiter_thread("sbx-fs-write", move || {
         let mut r = BodyReader {
             rx,
             cur: Bytes::new(),
@@ -217,7 +219,10 @@ async fn write(
     })
     .await;
     feeder.abort();
-    Ok(Json(file_info(st?)))
+    let st = st
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("filesystem write: {e}")))?
+        .map_err(fs_error)?;
+    Ok(Json(file_info(st)))
 }
 
 async fn list(
@@ -225,7 +230,7 @@ async fn list(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> R<Json<Vec<api::FileInfo>>> {
-    let path = path_param(&query(q))?;
+    let path = path_param(&query(q)?)?;
     let fs = sandbox_fs(&d, &id).await?;
     let v = blocking(move || fs.list_dir(&path)).await?;
     Ok(Json(v.into_iter().map(file_info).collect()))
@@ -236,7 +241,7 @@ async fn stat(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> R<Json<api::FileInfo>> {
-    let path = path_param(&query(q))?;
+    let path = path_param(&query(q)?)?;
     let fs = sandbox_fs(&d, &id).await?;
     Ok(Json(file_info(blocking(move || fs.stat(&path)).await?)))
 }
@@ -271,7 +276,7 @@ async fn remove(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> R<Response> {
-    let q = query(q);
+    let q = query(q)?;
     let path = path_param(&q)?;
     let recursive = match q.iter().rev().find(|(k, _)| k == "recursive") {
         None => false,

@@ -172,6 +172,8 @@ pub struct Daemon {
     pub(crate) create_latency: Histogram,
     pub(crate) exec_latency: Histogram,
     pub(crate) cgroup_version: String,
+    /// Supervisor tasks still running (shutdown waits for them to tear their sandboxes down).
+    supervisors: tokio::sync::watch::Sender<usize>,
 }
 
 /// What a watcher sees of a sandbox.
@@ -289,6 +291,30 @@ fn check_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError
     Ok(())
 }
 
+/// What argv and environment of one process may total, in bytes as init's request carries
+/// them (each string plus a little framing): well below the control message limit.
+const MAX_PROCESS_BYTES: usize = runtime::proto::MAX_MESSAGE / 2;
+
+fn process_bytes(argv: &[String], env: &BTreeMap<String, String>) -> usize {
+    argv.iter().map(|a| a.len() + 8).sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum::<usize>()
+}
+
+fn check_process_size(argv: &[String], env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    let n = process_bytes(argv, env);
+    if n > MAX_PROCESS_BYTES {
+        return Err(ApiError::invalid(
+            "argv and env",
+            format!("({n} bytes with framing)"),
+            &format!("together they may take at most {MAX_PROCESS_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_argv(field: &str, argv: &[String], required: bool) -> Result<(), ApiError> {
     if required && argv.is_empty() {
         return Err(ApiError::invalid(field, "[]", "must name a program"));
@@ -354,6 +380,7 @@ impl Daemon {
             create_latency: Histogram::new(),
             exec_latency: Histogram::new(),
             cgroup_version,
+            supervisors: tokio::sync::watch::Sender::new(0),
         });
         d.sweep();
         Ok(d)
@@ -680,6 +707,7 @@ impl Daemon {
         let mut env = BTreeMap::new();
         self.resolve_secrets(&req.secrets, &mut env)?;
         env.extend(req.env.clone());
+        check_process_size(&req.entrypoint, &env)?;
 
         // Volumes are created on first use, owned by the canonical sandbox root (uid 0).
         for v in &req.volumes {
@@ -758,7 +786,11 @@ impl Daemon {
         };
         let d = self.clone();
         let t0 = Instant::now();
-        tokio::spawn(async move { d.supervise(live, spec, t0).await });
+        self.supervisors.send_modify(|n| *n += 1);
+        tokio::spawn(async move {
+            d.clone().supervise(live, spec, t0).await;
+            d.supervisors.send_modify(|n| *n -= 1);
+        });
         Ok(id)
     }
 
@@ -995,23 +1027,8 @@ impl Daemon {
             s.returncode = Some(rc);
             s.end_reason = Some(reason);
         });
-        // Tear down (the last holder of the runtime handle destroys it).
-        let sb = lock(&live.sandbox).take();
-        if let Some(sb) = sb {
-            let id = live.id.clone();
-            tokio::task::spawn_blocking(move || match Arc::try_unwrap(sb) {
-                Ok(sb) => {
-                    if let Err(e) = sb.destroy() {
-                        tracing::error!(sandbox = %id, error = %e, "teardown");
-                    }
-                }
-                Err(shared) => drop(shared),
-            });
-        }
-        // Exec records still running ended with the sandbox (their waiters record the exact
-        // status as the pipes close; this covers any that never will).
-        let d_live = live.clone();
-        let store_at = now();
+        // Its processes are dead or about to be: nobody is left to back-pressure, so every
+        // pump drains its pipe to EOF whether or not anyone reads.
         let spools: Vec<Arc<Spool>> = {
             let mut v = vec![
                 lock(&live.entry_stdout).clone(),
@@ -1025,10 +1042,45 @@ impl Daemon {
             }
             v
         };
-        for s in spools {
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.wait_eof()).await;
+        for sp in &spools {
+            sp.release();
         }
-        let _ = self.store.end_running_execs(&d_live.id, store_at);
+        // Tear down. Other holders of the handle (an exec starting, a probe) let go within
+        // moments; if one does not, the last holder's drop tears it down.
+        let sb = lock(&live.sandbox).take();
+        if let Some(mut sb) = sb {
+            let id = live.id.clone();
+            let mut tries = 0;
+            let owned = loop {
+                match Arc::try_unwrap(sb) {
+                    Ok(s) => break Some(s),
+                    Err(shared) if tries < 100 => {
+                        sb = shared;
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(shared) => {
+                        tracing::warn!(sandbox = %id, "still in use: its last holder tears it down");
+                        drop(shared);
+                        break None;
+                    }
+                }
+            };
+            if let Some(owned) = owned {
+                let r = tokio::task::spawn_blocking(move || owned.destroy()).await;
+                if let Ok(Err(e)) = r {
+                    tracing::error!(sandbox = %id, error = %e, "teardown");
+                }
+            }
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::future::join_all(spools.iter().map(|s| s.wait_eof())),
+        )
+        .await;
+        // Exec records still running ended with the sandbox (their waiters record the exact
+        // status as the pipes close; this covers any that never will).
+        let _ = self.store.end_running_execs(&live.id, now());
     }
 
     async fn probe(self: Arc<Self>, live: Arc<Live>, sb: Arc<runtime::Sandbox>, p: api::Probe) {
@@ -1298,6 +1350,9 @@ impl Daemon {
                 req.term.clone().unwrap_or_else(|| "xterm-256color".into()),
             );
         }
+        let mut all_env = live.env.clone();
+        all_env.extend(extra.clone());
+        check_process_size(&req.argv, &all_env)?;
         let env = self.process_env(&live, &extra);
         let want_stdin = req.stdin.unwrap_or(true);
         let spec = ExecSpec {
@@ -1349,6 +1404,12 @@ impl Daemon {
                             || errno == libc::ENOTDIR =>
                     {
                         ErrorCode::NotFound
+                    }
+                    // fork failed: the sandbox is at its pids (or memory) limit.
+                    runtime::RuntimeError::Exec { errno, .. }
+                        if errno == libc::EAGAIN || errno == libc::ENOMEM =>
+                    {
+                        ErrorCode::ResourceExhausted
                     }
                     _ => ErrorCode::Internal,
                 };
@@ -1453,7 +1514,6 @@ impl Daemon {
                 ),
                 None => (137, Some(9), false),
             };
-            ex.stdin.close().await;
             let mut info = ex.info.borrow().clone();
             info.status = ExecStatus::Exited;
             info.returncode = Some(rc);
@@ -1465,6 +1525,8 @@ impl Daemon {
                 tracing::error!(error = %err, "record exec exit");
             }
             ex.info.send_replace(info);
+            // After the exit is recorded: a stdin write blocked on this process gives up.
+            ex.stdin.close();
             // Activity first: the supervisor must never see no exec running with an old
             // last-activity time (it would end the sandbox the moment this exec exits).
             live.touch();
@@ -1549,16 +1611,14 @@ impl Daemon {
         for l in &all {
             l.request_end(EndReason::Terminated);
         }
-        for l in &all {
-            let mut rx = l.state.subscribe();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                rx.wait_for(|s| s.status == SandboxStatus::Finished),
-            )
-            .await;
+        // Every supervisor tears its sandbox down before it ends.
+        let mut rx = self.supervisors.subscribe();
+        if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::error!("sandboxes still tearing down after 30 s; stopping anyway");
         }
-        // Give the teardown threads a moment, then finish the background cleanup.
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = tokio::task::spawn_blocking(|| {
             for e in runtime::janitor::flush() {
                 tracing::error!(error = %e, "cleanup");
@@ -1582,10 +1642,16 @@ pub fn run(cfg: DaemonConfig) -> Result<(), String> {
         .thread_name("sbxd")
         .build()
         .map_err(|e| format!("start the async runtime: {e}"))?;
-    rt.block_on(async move {
+    let r = rt.block_on(async move {
         let d = Daemon::open(cfg)?;
         server::serve(d).await
-    })
+    });
+    drop(rt);
+    // Teardown work queued by the last sandboxes (cgroup and directory removal).
+    for e in runtime::janitor::flush() {
+        tracing::error!(error = %e, "cleanup");
+    }
+    r
 }
 
 /// Entry point of the `sbxd` binary: `sbxd [--socket PATH] [--state-dir DIR] [--run-dir DIR]`

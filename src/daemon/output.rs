@@ -132,6 +132,12 @@ impl Spool {
         Ok(())
     }
 
+    /// Stop back-pressure for good: the producer is gone (its sandbox finished), so the pump
+    /// drains what is left in the pipe to EOF whether or not anyone reads.
+    pub fn release(&self) {
+        self.read_to.send_replace(u64::MAX);
+    }
+
     pub fn state(&self) -> SpoolState {
         *self.state.borrow()
     }
@@ -215,7 +221,13 @@ impl Spool {
 /// A process's stdin, written by offset (retries are harmless) with an EOF flag.
 pub struct Stdin {
     inner: tokio::sync::Mutex<StdinState>,
+    /// Set when the process ended: a write blocked on a full pipe (a background child kept
+    /// it open) or on a stalled request body gives up instead of holding the lock forever.
+    closed: watch::Sender<bool>,
 }
+
+/// A request body that sends nothing for this long is abandoned.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 struct StdinState {
     fd: Option<Sender>,
@@ -235,6 +247,7 @@ impl Stdin {
                 written: 0,
                 eof: false,
             }),
+            closed: watch::Sender::new(false),
         })
     }
 
@@ -246,6 +259,7 @@ impl Stdin {
                 written: 0,
                 eof: true,
             }),
+            closed: watch::Sender::new(true),
         }
     }
 
@@ -266,7 +280,17 @@ impl Stdin {
         S: futures_util::Stream<Item = Result<Bytes, String>> + Unpin,
     {
         use futures_util::StreamExt;
-        let mut s = self.inner.lock().await;
+        let mut closed = self.closed.subscribe();
+        let gone = || {
+            ApiError::new(
+                ErrorCode::Conflict,
+                "the process ended: its stdin is closed",
+            )
+        };
+        let mut s = tokio::select! {
+            s = self.inner.lock() => s,
+            _ = closed.wait_for(|c| *c) => return Err(gone()),
+        };
         let mut pos = offset;
         if pos > s.written {
             return Err(ApiError::new(
@@ -277,7 +301,28 @@ impl Stdin {
                 ),
             ));
         }
-        while let Some(chunk) = body.next().await {
+        loop {
+            let next = tokio::select! {
+                n = tokio::time::timeout(BODY_IDLE, body.next()) => n,
+                _ = closed.wait_for(|c| *c) => {
+                    s.fd = None;
+                    s.eof = true;
+                    return Err(gone());
+                }
+            };
+            let chunk = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "the request body sent nothing for {} s",
+                            BODY_IDLE.as_secs()
+                        ),
+                    ))
+                }
+            };
             let chunk =
                 chunk.map_err(|e| ApiError::new(ErrorCode::Invalid, format!("read body: {e}")))?;
             let end = pos + chunk.len() as u64;
@@ -297,7 +342,15 @@ impl Stdin {
                 let Some(fd) = s.fd.as_mut() else {
                     return Err(ApiError::new(ErrorCode::Conflict, "stdin is closed"));
                 };
-                match fd.write(rest).await {
+                let wrote = tokio::select! {
+                    w = fd.write(rest) => w,
+                    _ = closed.wait_for(|c| *c) => {
+                        s.fd = None;
+                        s.eof = true;
+                        return Err(gone());
+                    }
+                };
+                match wrote {
                     Ok(n) => {
                         rest = &rest[n..];
                         s.written += n as u64;
@@ -321,10 +374,12 @@ impl Stdin {
         Ok((s.written, s.eof))
     }
 
-    /// Close stdin (the process ended).
-    pub async fn close(&self) {
-        let mut s = self.inner.lock().await;
-        s.fd = None;
-        s.eof = true;
+    /// Close stdin (the process ended). Never waits: a write in progress gives up.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+        if let Ok(mut s) = self.inner.try_lock() {
+            s.fd = None;
+            s.eof = true;
+        }
     }
 }

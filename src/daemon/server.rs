@@ -33,7 +33,16 @@ type R<T> = Result<T, Fail>;
 type D = State<Arc<Daemon>>;
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {
-    if body.is_empty() {
+    // Objects only: serde would also read a JSON array field by field.
+    if let Some(b) = body.iter().find(|b| !b.is_ascii_whitespace()) {
+        if *b != b'{' {
+            return Err(ApiError::new(
+                ErrorCode::Invalid,
+                format!("invalid {what} body: expected a JSON object"),
+            ));
+        }
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
         return serde_json::from_slice(b"{}")
             .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("{what}: empty body: {e}")));
     }
@@ -41,46 +50,52 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, A
         .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("invalid {what} body: {e}")))
 }
 
-pub(crate) fn pct_decode(s: &str) -> String {
+/// Percent-decoding (`+` stays a `+`); None when the result is not UTF-8.
+pub(crate) fn pct_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let h = std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match h {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
+        let hex = |h: &[u8]| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        };
+        match (b[i], b.get(i + 1..i + 3).and_then(hex)) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
             }
-            c => out.push(c),
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
         }
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).ok()
 }
 
 /// The query string as (key, value) pairs, percent-decoded, repeats kept.
-struct Q(Vec<(String, String)>);
+pub(crate) struct Q(pub(crate) Vec<(String, String)>);
 
 impl Q {
-    fn new(raw: Option<String>) -> Q {
-        Q(raw
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| match p.split_once('=') {
-                Some((k, v)) => (pct_decode(k), pct_decode(v)),
-                None => (pct_decode(p), String::new()),
-            })
-            .collect())
+    /// `invalid` when a key or value is not UTF-8 once decoded (it would name another file).
+    pub(crate) fn new(raw: Option<String>) -> Result<Q, ApiError> {
+        let mut v = Vec::new();
+        for p in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, val) = p.split_once('=').unwrap_or((p, ""));
+            match (pct_decode(k), pct_decode(val)) {
+                (Some(k), Some(val)) => v.push((k, val)),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "query",
+                        format!("{p:?}"),
+                        "parameters must be percent-encoded UTF-8",
+                    ))
+                }
+            }
+        }
+        Ok(Q(v))
     }
 
     fn get(&self, k: &str) -> Option<&str> {
@@ -183,7 +198,45 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 "no such route (see docs/openapi.yaml)",
             ))
         })
+        .layer(axum::middleware::map_response(error_bodies))
         .with_state(d)
+}
+
+/// Every failure carries an `ErrorBody`, also those axum answers itself (wrong method, a body
+/// over the limit, a path segment that is not UTF-8).
+async fn error_bodies(resp: Response) -> Response {
+    use http_body_util::BodyExt;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match body.collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(_) => String::new(),
+    };
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            ErrorCode::Invalid,
+            "method not allowed on this route (see docs/openapi.yaml)".to_string(),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            ErrorCode::Invalid,
+            "request body too large: JSON bodies are limited to 2 MiB".to_string(),
+        ),
+        s if s.is_server_error() => (ErrorCode::Internal, text),
+        _ => (ErrorCode::Invalid, text),
+    };
+    let mut out = Fail(ApiError::new(code, message)).into_response();
+    *out.status_mut() = status;
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 async fn version() -> Json<api::Version> {
@@ -244,7 +297,7 @@ async fn create(State(d): D, body: Bytes) -> R<Response> {
 }
 
 async fn list(State(d): D, RawQuery(q): RawQuery) -> R<Json<Vec<api::SandboxSummary>>> {
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     let mut tags = std::collections::BTreeMap::new();
     for t in q.all("tag") {
         let (k, v) = t
@@ -266,7 +319,7 @@ async fn from_name(
     Path((app, name)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> R<Json<api::SandboxInfo>> {
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     let id = d
         .store
         .by_name(&app, &name, q.bool("include_terminated", false)?)?;
@@ -292,7 +345,7 @@ async fn wait(
     RawQuery(q): RawQuery,
 ) -> R<Json<api::WaitResult>> {
     check_id(&id)?;
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     Ok(Json(d.wait(&id, q.secs("timeout")?).await?))
 }
 
@@ -328,7 +381,7 @@ async fn put_tags(State(d): D, Path(id): Path<String>, body: Bytes) -> R<Json<ap
 
 async fn events(State(d): D, Path(id): Path<String>, RawQuery(q): RawQuery) -> R<Response> {
     check_id(&id)?;
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     let after = q.u64("after", 0)?;
     let follow = q.bool("follow", false)?;
     d.store.sandbox(&id)?;
@@ -416,12 +469,12 @@ fn stream_response(spool: Arc<super::output::Spool>, q: &Q) -> R<Response> {
 
 async fn entry_stdout(State(d): D, Path(id): Path<String>, RawQuery(q): RawQuery) -> R<Response> {
     check_id(&id)?;
-    stream_response(d.stream(&id, None, false)?, &Q::new(q))
+    stream_response(d.stream(&id, None, false)?, &Q::new(q)?)
 }
 
 async fn entry_stderr(State(d): D, Path(id): Path<String>, RawQuery(q): RawQuery) -> R<Response> {
     check_id(&id)?;
-    stream_response(d.stream(&id, None, true)?, &Q::new(q))
+    stream_response(d.stream(&id, None, true)?, &Q::new(q)?)
 }
 
 fn body_stream(body: Body) -> impl futures_util::Stream<Item = Result<Bytes, String>> + Unpin {
@@ -436,7 +489,7 @@ async fn entry_stdin(
     body: Body,
 ) -> R<Json<api::StdinAck>> {
     check_id(&id)?;
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     let offset = q.u64("offset", 0)?;
     let eof = q.bool("eof", false)?;
     let live = d.running(&id, "write stdin").await?;
@@ -478,7 +531,7 @@ async fn exec_wait(
     RawQuery(q): RawQuery,
 ) -> R<Json<api::ExecInfo>> {
     check_id(&id)?;
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     Ok(Json(d.exec_wait(&id, &x, q.secs("timeout")?).await?))
 }
 
@@ -488,7 +541,7 @@ async fn exec_stdout(
     RawQuery(q): RawQuery,
 ) -> R<Response> {
     check_id(&id)?;
-    stream_response(d.stream(&id, Some(&x), false)?, &Q::new(q))
+    stream_response(d.stream(&id, Some(&x), false)?, &Q::new(q)?)
 }
 
 async fn exec_stderr(
@@ -497,7 +550,7 @@ async fn exec_stderr(
     RawQuery(q): RawQuery,
 ) -> R<Response> {
     check_id(&id)?;
-    stream_response(d.stream(&id, Some(&x), true)?, &Q::new(q))
+    stream_response(d.stream(&id, Some(&x), true)?, &Q::new(q)?)
 }
 
 fn exec_live(d: &Daemon, id: &str, x: &str) -> Result<Arc<super::ExecLive>, ApiError> {
@@ -520,7 +573,7 @@ async fn exec_stdin(
     body: Body,
 ) -> R<Json<api::StdinAck>> {
     check_id(&id)?;
-    let q = Q::new(q);
+    let q = Q::new(q)?;
     let offset = q.u64("offset", 0)?;
     let eof = q.bool("eof", false)?;
     let e = exec_live(&d, &id, &x)?;
@@ -604,6 +657,92 @@ async fn delete_volume(State(d): D, Path(name): Path<String>) -> R<StatusCode> {
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Connections served at once, at most.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// The cap: [`MAX_CONNECTIONS`], or fewer so that 256 descriptors stay for sandboxes
+/// (pipes, spools, sockets) under a low open-files limit.
+fn connection_cap() -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s as usize)
+        .unwrap_or(1024);
+    MAX_CONNECTIONS.min(soft.saturating_sub(256)).max(16)
+}
+
+/// Open connections, oldest first, and whether each has sent a request yet. At the cap, a
+/// new connection takes the place of the oldest one that never sent anything (so idle
+/// connections cannot lock clients out); when every connection is busy it is refused.
+struct Connections {
+    cap: usize,
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<
+        std::collections::BTreeMap<
+            u64,
+            (
+                Arc<std::sync::atomic::AtomicBool>,
+                Option<tokio::task::AbortHandle>,
+            ),
+        >,
+    >,
+}
+
+impl Connections {
+    fn new(cap: usize) -> Self {
+        Connections {
+            cap,
+            next: std::sync::atomic::AtomicU64::new(0),
+            open: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    fn admit(&self) -> Option<(u64, Arc<std::sync::atomic::AtomicBool>)> {
+        use std::sync::atomic::Ordering;
+        let mut open = super::lock(&self.open);
+        if open.len() >= self.cap {
+            let idle = open
+                .iter()
+                .find(|(_, (served, _))| !served.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            if let Some((_, Some(h))) = open.remove(&idle) {
+                h.abort();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        open.insert(id, (served.clone(), None));
+        Some((id, served))
+    }
+
+    fn started(&self, id: u64, h: tokio::task::AbortHandle) {
+        if let Some(e) = super::lock(&self.open).get_mut(&id) {
+            e.1 = Some(h);
+        }
+    }
+}
+
+/// Removes a connection from [`Connections`] when its task ends (or is aborted).
+struct ConnGuard(Arc<Connections>, u64);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        super::lock(&self.0.open).remove(&self.1);
+    }
+}
+
+/// Raise the soft open-files limit to the hard one (allowed without privileges): every
+/// connection, pipe and spool is a descriptor.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, "could not raise the open-files limit to {hard}");
+            }
+        }
+    }
+}
+
 /// Bind the socket (0660), serve until SIGINT/SIGTERM, then stop the sandboxes.
 pub async fn serve(d: Arc<Daemon>) -> Result<(), String> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -632,6 +771,10 @@ pub async fn serve(d: Arc<Daemon>) -> Result<(), String> {
     let _ = std::fs::write(&pid_file, format!("{}\n", std::process::id()));
     tracing::info!(socket = %sock.display(), state = %d.cfg.state_dir.display(), "sbxd serving");
     let app = router(d.clone());
+    raise_nofile();
+    // Every connection holds a descriptor: past this many, new ones are refused at once so
+    // the daemon keeps the descriptors it needs for sandboxes.
+    let conns = Arc::new(Connections::new(connection_cap()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("install SIGTERM handler: {e}"))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -647,10 +790,30 @@ pub async fn serve(d: Arc<Daemon>) -> Result<(), String> {
                         continue;
                     }
                 };
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                tokio::spawn(async move {
+                let Some((conn_id, served)) = conns.admit() else {
+                    tracing::warn!("{} connections open, all busy: refusing another", conns.cap);
+                    drop(stream);
+                    continue;
+                };
+                let flag = served.clone();
+                let svc = hyper_util::service::TowerToHyperService::new(
+                    tower::ServiceExt::map_request(app.clone(), move |req: axum::extract::Request<hyper::body::Incoming>| {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        req
+                    }),
+                );
+                let registry = conns.clone();
+                let task = tokio::spawn(async move {
+                    let _gone = ConnGuard(registry, conn_id);
                     let mut b = auto::Builder::new(TokioExecutor::new());
+                    // A client that never finishes its request headers is cut off.
+                    b.http1()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(std::time::Duration::from_secs(30));
                     b.http2()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .keep_alive_interval(std::time::Duration::from_secs(60))
+                        .keep_alive_timeout(std::time::Duration::from_secs(30))
                         .initial_stream_window_size(4 << 20)
                         .initial_connection_window_size(16 << 20)
                         .max_concurrent_streams(1024);
@@ -658,6 +821,7 @@ pub async fn serve(d: Arc<Daemon>) -> Result<(), String> {
                         tracing::debug!(error = %e, "connection ended");
                     }
                 });
+                conns.started(conn_id, task.abort_handle());
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
