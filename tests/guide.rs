@@ -807,7 +807,6 @@ async fn workdir() {
 /// Guide, Configuration (JavaScript tab): `workdir: "/repo"` on an image without /repo works in
 /// Modal, as with runc and Docker, which create a missing working directory.
 #[tokio::test]
-#[ignore = "sbxd bug: a sandbox workdir that does not exist in the image is not created; every exec then fails with not_found (chdir ENOENT)"]
 async fn missing_workdir_is_created() {
     let d = TestDaemon::start("workdir-missing").await;
     let c = d.client().await;

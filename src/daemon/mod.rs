@@ -826,12 +826,7 @@ impl Daemon {
         env.into_iter().collect()
     }
 
-    async fn supervise(
-        self: Arc<Self>,
-        live: Arc<Live>,
-        mut spec: runtime::SandboxSpec,
-        t0: Instant,
-    ) {
+    async fn supervise(self: Arc<Self>, live: Arc<Live>, spec: runtime::SandboxSpec, t0: Instant) {
         // Subscribed before the start, so a terminate while pending is seen after it.
         let mut end_rx = live.end_req.subscribe();
         self.event(&live, EventKind::Scheduled, None, None, None);
@@ -846,8 +841,9 @@ impl Daemon {
             .await;
             return;
         }
+        let mut entry_spec = None;
         if !live.config.entrypoint.is_empty() {
-            spec.entrypoint = Some(ExecSpec {
+            entry_spec = Some(ExecSpec {
                 argv: live.config.entrypoint.clone(),
                 env: self.process_env(&live, &BTreeMap::new()),
                 cwd: live.config.workdir.clone(),
@@ -864,7 +860,22 @@ impl Daemon {
             });
         }
         let rt = self.rt.clone();
-        let spawned = tokio::task::spawn_blocking(move || runtime::Sandbox::spawn(&rt, spec)).await;
+        let workdir = live.config.workdir.clone();
+        // The workdir is made (as sandbox root, mkdir -p) before the entrypoint starts in it, as
+        // Docker and runc do for a missing working directory.
+        let spawned = tokio::task::spawn_blocking(move || {
+            let sb = runtime::Sandbox::spawn(&rt, spec)?;
+            if let Some(w) = &workdir {
+                if let Err(e) = sb.fs().mkdir(w, true) {
+                    tracing::warn!(sandbox = %sb.id(), workdir = %w, error = %e, "could not create the workdir");
+                }
+            }
+            if let Some(e) = entry_spec {
+                sb.start_entrypoint(e)?;
+            }
+            Ok::<_, runtime::RuntimeError>(sb)
+        })
+        .await;
         let sb = match spawned {
             Ok(Ok(sb)) => Arc::new(sb),
             Ok(Err(e)) => {

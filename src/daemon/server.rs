@@ -676,16 +676,14 @@ fn connection_cap() -> usize {
 struct Connections {
     cap: usize,
     next: std::sync::atomic::AtomicU64,
-    open: std::sync::Mutex<
-        std::collections::BTreeMap<
-            u64,
-            (
-                Arc<std::sync::atomic::AtomicBool>,
-                Option<tokio::task::AbortHandle>,
-            ),
-        >,
-    >,
+    open: std::sync::Mutex<std::collections::BTreeMap<u64, OpenConn>>,
 }
+
+/// Whether the connection has sent a request, and how to close it.
+type OpenConn = (
+    Arc<std::sync::atomic::AtomicBool>,
+    Option<tokio::task::AbortHandle>,
+);
 
 impl Connections {
     fn new(cap: usize) -> Self {

@@ -590,6 +590,22 @@ impl Sandbox {
         self.inner.init_pid
     }
 
+    /// Start the entrypoint of a sandbox spawned without one (e.g. after preparing its files):
+    /// the sandbox then ends when it exits, as if it had been in the spec. Take it with
+    /// [`Sandbox::take_entrypoint`]. A sandbox has one entrypoint: a second is `Invalid`.
+    pub fn start_entrypoint(&self, spec: ExecSpec) -> Result<(), RuntimeError> {
+        let mut slot = lock(&self.inner.entrypoint);
+        if slot.is_some() || lock(&self.inner.entrypoint_exit).is_some() {
+            return Err(RuntimeError::Invalid {
+                field: "entrypoint",
+                value: spec.argv.join(" "),
+                reason: "the sandbox already has an entrypoint",
+            });
+        }
+        *slot = Some(self.start(spec, true)?);
+        Ok(())
+    }
+
     /// The entrypoint process, if the spec had one (taken once).
     pub fn take_entrypoint(&self) -> Option<Process> {
         lock(&self.inner.entrypoint).take()
@@ -1062,7 +1078,9 @@ impl Process {
             let left = match deadline {
                 None => PollTimeout::NONE,
                 Some(d) => {
-                    let ms = d.saturating_duration_since(std::time::Instant::now()).as_millis();
+                    let ms = d
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_millis();
                     PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
                         .unwrap_or(PollTimeout::MAX)
                 }
