@@ -251,8 +251,7 @@ async fn mkdir(
     Path(id): Path<String>,
     body: Bytes,
 ) -> R<Json<api::FileInfo>> {
-    let req: api::Mkdir = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("invalid mkdir body: {e}")))?;
+    let req: api::Mkdir = super::server::parse("mkdir", &body)?;
     if !req.path.starts_with('/') {
         return Err(ApiError::invalid(
             "path",

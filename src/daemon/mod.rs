@@ -1017,6 +1017,8 @@ impl Daemon {
             (None, Ok(Err(e))) => (EndReason::Error, 1, Some(format!("wait failed: {e}"))),
             (None, Err(e)) => (EndReason::Error, 1, Some(format!("wait panicked: {e}"))),
         };
+        // Let go of our handle, so finish() holds the last one and tears down right away.
+        drop(sb);
         self.finish(&live, reason, rc, msg).await;
     }
 

@@ -32,6 +32,23 @@ pub struct Spool {
 
 const CHUNK: usize = 64 * 1024;
 
+/// The runtime's pipes (and pty masters) are blocking; tokio's pipe types need O_NONBLOCK,
+/// or a read or write that readiness did not cover would block a worker thread.
+fn set_nonblocking(f: &File) -> Result<(), ApiError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let flags = fcntl(fd, FcntlArg::F_GETFL)
+        .map(OFlag::from_bits_truncate)
+        .and_then(|fl| fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)));
+    flags.map(|_| ()).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("make a process pipe non-blocking: {e}"),
+        )
+    })
+}
+
 impl Spool {
     /// A stream that is empty and complete (devnull, merged stderr).
     pub fn empty() -> Arc<Spool> {
@@ -94,6 +111,7 @@ impl Spool {
                     format!("create output spool {}: {e}", path.display()),
                 )
             })?;
+        set_nonblocking(&src)?;
         // `unchecked`: a pty master is not a FIFO but polls the same way.
         let mut rd = Receiver::from_file_unchecked(src).map_err(|e| {
             ApiError::new(
@@ -238,6 +256,7 @@ struct StdinState {
 impl Stdin {
     /// A pipe's write end or a pty master.
     pub fn new(f: File) -> Result<Stdin, ApiError> {
+        set_nonblocking(&f)?;
         let fd = Sender::from_file_unchecked(f).map_err(|e| {
             ApiError::new(ErrorCode::Internal, format!("register the stdin pipe: {e}"))
         })?;
@@ -288,6 +307,7 @@ impl Stdin {
             )
         };
         let mut s = tokio::select! {
+            biased;
             s = self.inner.lock() => s,
             _ = closed.wait_for(|c| *c) => return Err(gone()),
         };
@@ -303,6 +323,7 @@ impl Stdin {
         }
         loop {
             let next = tokio::select! {
+                biased;
                 n = tokio::time::timeout(BODY_IDLE, body.next()) => n,
                 _ = closed.wait_for(|c| *c) => {
                     s.fd = None;
@@ -330,7 +351,7 @@ impl Stdin {
                 pos = end;
                 continue;
             }
-            if s.eof {
+            if s.eof || *closed.borrow() {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
                     "stdin is closed (EOF was sent, or the process ended)",
@@ -343,6 +364,7 @@ impl Stdin {
                     return Err(ApiError::new(ErrorCode::Conflict, "stdin is closed"));
                 };
                 let wrote = tokio::select! {
+                    biased;
                     w = fd.write(rest) => w,
                     _ = closed.wait_for(|c| *c) => {
                         s.fd = None;

@@ -32,7 +32,10 @@ impl IntoResponse for Fail {
 type R<T> = Result<T, Fail>;
 type D = State<Arc<Daemon>>;
 
-fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    what: &str,
+    body: &[u8],
+) -> Result<T, ApiError> {
     // Objects only: serde would also read a JSON array field by field.
     if let Some(b) = body.iter().find(|b| !b.is_ascii_whitespace()) {
         if *b != b'{' {
