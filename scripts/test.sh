@@ -17,6 +17,7 @@ cargo build --release --bins --examples
 cargo test --workspace --no-fail-fast
 # The main job, end to end, as a user runs it: the CLI starts sbxd on first use.
 smoke=$(mktemp -d /tmp/sbx-smoke.XXXXXX)
+chmod 755 "$smoke"  # the sandboxes' uids must traverse to their rootfs under the run dir
 export SBX_SOCKET="$smoke/sbxd.sock" SBX_STATE_DIR="$smoke/state" SBX_RUN_DIR="$smoke/run"
 stop_smoke() {
   if [ -f "$smoke/state/sbxd.pid" ]; then
