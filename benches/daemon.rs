@@ -82,10 +82,7 @@ fn main() {
         eprintln!("daemon bench: needs root");
         return;
     }
-    let rounds: usize = std::env::var("SBX_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let rounds = rounds();
     let rootfs = support::busybox_rootfs();
     let image = format!("dir:{}", rootfs.display());
     let daemon = Daemon::start();

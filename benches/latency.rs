@@ -30,10 +30,7 @@ fn main() {
         eprintln!("latency bench: needs root");
         return;
     }
-    let rounds: usize = std::env::var("SBX_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let rounds = rounds();
     let rootfs = support::busybox_rootfs();
     // As a long-running daemon runs it: warm helpers, cleanup after death off the caller's path
     // (flushed before the figures are printed).

@@ -145,3 +145,11 @@ pub fn release_hugetlb(mounted: bool) {
 pub fn row(name: &str, s: &Stats) {
     println!("{:<48} {:>10.2} {:>10.2}", name, ms(s.median), ms(s.p90));
 }
+
+/// Rounds per measure: `SBX_BENCH_ROUNDS`, default 200.
+pub fn rounds() -> usize {
+    std::env::var("SBX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}

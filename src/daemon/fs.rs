@@ -107,7 +107,9 @@ async fn sandbox_fs(d: &Daemon, id: &str) -> Result<SandboxFs, ApiError> {
             format!("no sandbox {id:?}"),
         ));
     }
-    d.store.sandbox(id)?;
+    if d.live(id).is_none() {
+        d.store.sandbox(id)?;
+    }
     let live = d.running(id, "use its filesystem").await?;
     live.touch();
     let sb = live.sandbox().ok_or_else(|| {

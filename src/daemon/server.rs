@@ -513,7 +513,10 @@ async fn entry_stdin(
 async fn exec(State(d): D, Path(id): Path<String>, body: Bytes) -> R<Response> {
     check_id(&id)?;
     let req: api::ExecRequest = parse("exec", &body)?;
-    d.store.sandbox(&id)?;
+    // Hot path: a live sandbox exists; only an unknown one costs a store read (not_found).
+    if d.live(&id).is_none() {
+        d.store.sandbox(&id)?;
+    }
     let (info, fresh) = d.exec(&id, req).await?;
     let status = if fresh {
         StatusCode::CREATED

@@ -865,7 +865,9 @@ fn split(path: &str) -> Result<(&str, &str), FsError> {
     if t == "/" {
         return Err(FsError::invalid(path, "names the root directory"));
     }
-    let (parent, name) = t.rsplit_once('/').expect("an absolute path has a '/'");
+    let Some((parent, name)) = t.rsplit_once('/') else {
+        return Err(FsError::invalid(path, "must be an absolute path"));
+    };
     if name == "." || name == ".." {
         return Err(FsError::invalid(
             path,
