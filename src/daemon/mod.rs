@@ -108,6 +108,82 @@ fn waiter_thread<T: Send + 'static>(
     }
 }
 
+/// The exec's exit (None if its report was lost: init died, so it was killed) and whether its
+/// timeout fired (then it was SIGKILLed). Readiness of the exit connection is awaited on the
+/// reactor; signal and resize stay possible meanwhile (no lock is held while waiting).
+async fn wait_exit(
+    pr: Arc<std::sync::RwLock<runtime::Process>>,
+    timeout: Option<Duration>,
+) -> (Option<runtime::Exit>, bool) {
+    // A duplicate descriptor watched through a tokio socket: only readiness is awaited, the
+    // report itself is read by `Process::wait` on the original.
+    let watched = pr
+        .read()
+        .unwrap_or_else(|x| x.into_inner())
+        .exit_watch_fd()
+        .and_then(|fd| tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)));
+    let mut timed_out = false;
+    match watched {
+        Ok(afd) => {
+            // Readable means the report (or EOF) is there; nothing reads it before `wait`.
+            let ready = async {
+                let _ = afd.readable().await;
+            };
+            match timeout {
+                Some(t) => {
+                    if tokio::time::timeout(t, ready).await.is_err() {
+                        timed_out = true;
+                        let p = pr.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            let g = p.read().unwrap_or_else(|x| x.into_inner());
+                            g.signal(libc::SIGKILL)
+                        })
+                        .await;
+                        let _ = afd.readable().await;
+                    }
+                }
+                None => ready.await,
+            }
+            drop(afd);
+            let there = pr
+                .read()
+                .unwrap_or_else(|x| x.into_inner())
+                .exit_ready(Some(Duration::ZERO));
+            let r = if there {
+                pr.write().unwrap_or_else(|x| x.into_inner()).wait().ok()
+            } else {
+                // The reactor failed us (it should not): wait off the worker.
+                tokio::task::spawn_blocking(move || {
+                    pr.write().unwrap_or_else(|x| x.into_inner()).wait().ok()
+                })
+                .await
+                .ok()
+                .flatten()
+            };
+            (r, timed_out)
+        }
+        Err(err) => {
+            // Not watchable (should not happen for a socket): a thread waits instead.
+            tracing::warn!(error = %err, "watch an exec's exit on the reactor");
+            let r = waiter_thread("sbx-exec-wait", move || {
+                let mut timed_out = false;
+                {
+                    let p = pr.read().unwrap_or_else(|x| x.into_inner());
+                    if !p.exit_ready(timeout) {
+                        timed_out = true;
+                        let _ = p.signal(libc::SIGKILL);
+                        p.exit_ready(None);
+                    }
+                }
+                let r = pr.write().unwrap_or_else(|x| x.into_inner()).wait();
+                (r.ok(), timed_out)
+            })
+            .await;
+            r.unwrap_or((None, false))
+        }
+    }
+}
+
 /// Latency histogram for /metrics (seconds).
 pub(crate) struct Histogram {
     buckets: &'static [f64],
@@ -167,13 +243,32 @@ impl Histogram {
 pub struct Daemon {
     pub cfg: DaemonConfig,
     rt: RuntimeConfig,
-    pub(crate) store: Store,
+    pub(crate) store: Arc<Store>,
+    /// Store writes that need not delay a reply (exec records), applied in order.
+    writer: Mutex<std::sync::mpsc::Sender<StoreJob>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pub(crate) create_latency: Histogram,
     pub(crate) exec_latency: Histogram,
     pub(crate) cgroup_version: String,
     /// Supervisor tasks still running (shutdown waits for them to tear their sandboxes down).
     supervisors: tokio::sync::watch::Sender<usize>,
+}
+
+type StoreJob = Box<dyn FnOnce(&Store) + Send>;
+
+/// The thread that applies deferred store writes in the order they were queued; it ends when
+/// the daemon (the sender) is dropped.
+fn store_writer(store: Arc<Store>) -> Result<std::sync::mpsc::Sender<StoreJob>, String> {
+    let (tx, rx) = std::sync::mpsc::channel::<StoreJob>();
+    std::thread::Builder::new()
+        .name("sbx-store-writer".into())
+        .spawn(move || {
+            for job in rx {
+                job(&store);
+            }
+        })
+        .map_err(|e| format!("start the store writer thread: {e}"))?;
+    Ok(tx)
 }
 
 /// What a watcher sees of a sandbox.
@@ -365,7 +460,9 @@ impl Daemon {
         rt.state_dir = cfg.state_dir.clone();
         rt.run_dir = cfg.run_dir.clone();
         rt.background_cleanup = true;
-        let store = Store::open(&cfg.state_dir.join("sbx.db")).map_err(|e| e.to_string())?;
+        let store =
+            Arc::new(Store::open(&cfg.state_dir.join("sbx.db")).map_err(|e| e.to_string())?);
+        let writer = Mutex::new(store_writer(store.clone())?);
         let cgroup_version = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
             "v2"
         } else {
@@ -376,6 +473,7 @@ impl Daemon {
             cfg,
             rt,
             store,
+            writer,
             live: Mutex::new(HashMap::new()),
             create_latency: Histogram::new(),
             exec_latency: Histogram::new(),
@@ -412,6 +510,24 @@ impl Daemon {
                 let _ = self.store.end_running_execs(&id, at);
             }
         }
+    }
+
+    /// Queue a store write behind the earlier ones (see [`Daemon::store_flush`]).
+    fn store_later(&self, job: impl FnOnce(&Store) + Send + 'static) {
+        let sent = lock(&self.writer).send(Box::new(job));
+        if let Err(std::sync::mpsc::SendError(job)) = sent {
+            // The writer thread is gone (it never panics by design): write here.
+            job(&self.store);
+        }
+    }
+
+    /// Wait until every write queued so far is in the store.
+    async fn store_flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.store_later(move |_| {
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
     }
 
     pub(crate) fn live(&self, id: &str) -> Option<Arc<Live>> {
@@ -1092,7 +1208,9 @@ impl Daemon {
         )
         .await;
         // Exec records still running ended with the sandbox (their waiters record the exact
-        // status as the pipes close; this covers any that never will).
+        // status as the pipes close; this covers any that never will). Queued exec records
+        // land first, so none is left `running` behind this.
+        self.store_flush().await;
         let _ = self.store.end_running_execs(&live.id, now());
     }
 
@@ -1482,8 +1600,14 @@ impl Daemon {
             stderr: if pty { StreamMode::Stdout } else { req.stderr },
             pty,
         };
-        self.store.insert_exec(&info)?;
-        tracing::debug!(us = t0.elapsed().as_micros() as u64, "exec recorded");
+        // Recorded behind the reply: while the sandbox lives its execs are answered from
+        // memory, and its end flushes the queue before the store is asked.
+        let rec = info.clone();
+        self.store_later(move |st| {
+            if let Err(err) = st.insert_exec(&rec) {
+                tracing::error!(error = %err, exec = %rec.exec_id, "record exec start");
+            }
+        });
         let e = Arc::new(ExecLive {
             info: watch::Sender::new(info),
             stdout,
@@ -1491,31 +1615,13 @@ impl Daemon {
             stdin,
             process: Arc::new(std::sync::RwLock::new(p)),
         });
-        // The waiter: the exit report arrives on the process's connection to init. A blocking
-        // thread polls it under a read lock (signal and resize take read locks meanwhile).
+        // The waiter: the exit report arrives on the process's connection to init, watched by
+        // the async reactor (no thread per exec).
         let d = self.clone();
         let ex = e.clone();
         let timeout = req.timeout_secs.map(Duration::from_secs);
         tokio::spawn(async move {
-            let pr = ex.process.clone();
-            let exit = waiter_thread("sbx-exec-wait", move || {
-                let mut timed_out = false;
-                {
-                    let p = pr.read().unwrap_or_else(|x| x.into_inner());
-                    if !p.exit_ready(timeout) {
-                        timed_out = true;
-                        let _ = p.signal(libc::SIGKILL);
-                        p.exit_ready(None);
-                    }
-                }
-                let r = pr.write().unwrap_or_else(|x| x.into_inner()).wait();
-                (r, timed_out)
-            })
-            .await;
-            let (exit, timed_out) = match exit {
-                Ok((r, t)) => (r.ok(), t),
-                Err(_) => (None, false),
-            };
+            let (exit, timed_out) = wait_exit(ex.process.clone(), timeout).await;
             let (rc, sig, oom) = match exit {
                 Some(x) => (
                     x.code(),
@@ -1534,10 +1640,12 @@ impl Daemon {
             info.timed_out = timed_out;
             info.oom = oom;
             info.finished_at = Some(now());
-            if let Err(err) = d.store.finish_exec(&info) {
-                tracing::error!(error = %err, "record exec exit");
-            }
-            ex.info.send_replace(info);
+            ex.info.send_replace(info.clone());
+            d.store_later(move |st| {
+                if let Err(err) = st.finish_exec(&info) {
+                    tracing::error!(error = %err, exec = %info.exec_id, "record exec exit");
+                }
+            });
             // After the exit is recorded: a stdin write blocked on this process gives up.
             ex.stdin.close();
             // Activity first: the supervisor must never see no exec running with an old
@@ -1632,6 +1740,7 @@ impl Daemon {
         {
             tracing::error!("sandboxes still tearing down after 30 s; stopping anyway");
         }
+        self.store_flush().await;
         let _ = tokio::task::spawn_blocking(|| {
             for e in runtime::janitor::flush() {
                 tracing::error!(error = %e, "cleanup");

@@ -1068,6 +1068,12 @@ impl Process {
         self.conn.as_raw_fd()
     }
 
+    /// A duplicate of the exit connection for an event loop to watch (readable once the exit
+    /// report is there; read it with [`Process::wait`]). Closing it leaves the process alone.
+    pub fn exit_watch_fd(&self) -> std::io::Result<OwnedFd> {
+        self.conn.try_clone()
+    }
+
     /// Block until the exit report is there to read (then [`Process::wait`] returns at once)
     /// or `timeout` passed; true if it is there. Callers that must not hold `&mut` while
     /// waiting (to signal meanwhile) poll with this first.
