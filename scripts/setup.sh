@@ -24,3 +24,5 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is missing: install the Rust toolchain named in rust-toolchain.toml" >&2
   exit 1
 fi
+# The image tests' registry and OCI tools.
+"$(dirname "$0")/setup-images.sh"

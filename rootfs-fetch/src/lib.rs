@@ -2,6 +2,12 @@
 //! a sandbox rootfs is assembled from. Today: the built-in `host` image and plain rootfs
 //! directories (`dir:PATH`); registries, OCI layouts and builds come later.
 
+pub mod apply;
+pub mod oci;
+pub mod reference;
+pub mod registry;
+pub mod store;
+
 use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
