@@ -1,5 +1,6 @@
 //! Latency through sbxd's socket, as a client program sees it: create a sandbox → first exec
-//! of `/bin/true` → its exit; a sandbox whose entrypoint is `/bin/true` from create to its
+//! of `/bin/true` → its exit (with warm sandboxes, as sbxd runs by default, at a steady pace
+//! and in a back-to-back burst that drains them; and cold, `--warm 0`); a sandbox whose entrypoint is `/bin/true` from create to its
 //! returncode; the exec round trip into a running sandbox; 100 concurrent execs over one HTTP/2
 //! connection; and `sbx run /bin/true` end to end. `crun run` / `crun exec` on the same busybox
 //! rootfs are measured in the same run, and the ratios printed.
@@ -25,8 +26,9 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start() -> Daemon {
-        let dir = support::test_root().join(format!("bench-daemon-{}", std::process::id()));
+    /// sbxd keeping `warm` sandboxes per shape (0: every create starts one cold).
+    fn start(warm: usize) -> Daemon {
+        let dir = support::test_root().join(format!("bench-daemon-{}-{warm}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sbxd"))
@@ -38,6 +40,7 @@ impl Daemon {
             .arg(dir.join("run"))
             .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
             .env("SBX_LOG", "warn")
+            .env("SBX_WARM", warm.to_string())
             .stdin(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("sbxd.log")).unwrap())
             .spawn()
@@ -53,6 +56,24 @@ impl Daemon {
 
     fn socket(&self) -> std::path::PathBuf {
         self.dir.join("sbxd.sock")
+    }
+
+    /// (hits, misses) of warm sandboxes so far, from /metrics.
+    fn warm_counts(&self) -> (u64, u64) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket()).expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: sbx\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        let count = |what: &str| {
+            body.lines()
+                .find(|l| l.starts_with(&format!("sbx_warm_creates_total{{result=\"{what}\"}}")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        (count("hit"), count("miss"))
     }
 }
 
@@ -85,7 +106,8 @@ fn main() {
     let rounds = rounds();
     let rootfs = support::busybox_rootfs();
     let image = format!("dir:{}", rootfs.display());
-    let daemon = Daemon::start();
+    let daemon = Daemon::start(sbx::daemon::DEFAULT_WARM);
+    let cold_daemon = Daemon::start(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -94,10 +116,15 @@ fn main() {
     let client = rt
         .block_on(Client::connect_to(daemon.socket()))
         .expect("connect");
+    let cold_client = rt
+        .block_on(Client::connect_to(cold_daemon.socket()))
+        .expect("connect");
     println!(
-        "sbx daemon bench: {rounds} rounds, busybox rootfs {}, sbxd on {}",
+        "sbx daemon bench: {rounds} rounds, busybox rootfs {}, sbxd on {} ({} warm sandboxes per shape) and {} (warm off)",
         rootfs.display(),
-        daemon.socket().display()
+        daemon.socket().display(),
+        sbx::daemon::DEFAULT_WARM,
+        cold_daemon.socket().display()
     );
     println!();
     let params = || CreateSandbox {
@@ -105,30 +132,35 @@ fn main() {
         ..Default::default()
     };
 
-    // create → first exec of /bin/true → exit (the sandbox is deleted after each round,
-    // untimed: sbxd tears it down in the background).
-    let mut doomed = Vec::new();
-    let first_exec = measure(rounds, || {
-        let sb = rt.block_on(async {
-            let sb = Sandbox::create(&client, params()).await.expect("create");
-            let p = sb.exec_with(quiet(&["/bin/true"])).await.expect("exec");
-            assert_eq!(p.wait().await.expect("wait"), 0);
-            sb
-        });
-        doomed.push(sb);
-        if doomed.len() >= 8 {
-            rt.block_on(async {
-                for sb in doomed.drain(..) {
-                    sb.delete().await.expect("delete");
-                }
+    // create → first exec of /bin/true → exit. Each sandbox is deleted after its round,
+    // untimed; `pause` (untimed) comes before each round: a steady rate of creates.
+    let first_exec = |client: &Client, pause: Duration, rounds: usize| {
+        let mut v = Vec::with_capacity(rounds);
+        for i in 0..rounds + 10 {
+            std::thread::sleep(pause);
+            let t = Instant::now();
+            let sb = rt.block_on(async {
+                let sb = Sandbox::create(client, params()).await.expect("create");
+                let p = sb.exec_with(quiet(&["/bin/true"])).await.expect("exec");
+                assert_eq!(p.wait().await.expect("wait"), 0);
+                sb
             });
+            if i >= 10 {
+                v.push(t.elapsed());
+            }
+            rt.block_on(sb.delete()).expect("delete");
         }
-    });
-    rt.block_on(async {
-        for sb in doomed.drain(..) {
-            sb.delete().await.expect("delete");
-        }
-    });
+        stats(v)
+    };
+    let pace = Duration::from_millis(30);
+    let (h0, m0) = daemon.warm_counts();
+    let warm_paced = first_exec(&client, pace, rounds);
+    let (h1, m1) = daemon.warm_counts();
+    let warm_burst = first_exec(&client, Duration::ZERO, rounds);
+    let (h2, m2) = daemon.warm_counts();
+    let cold = first_exec(&cold_client, pace, rounds);
+    drop(cold_client);
+    drop(cold_daemon);
 
     // An entrypoint /bin/true: create → returncode.
     let entry = measure(rounds, || {
@@ -195,7 +227,12 @@ fn main() {
     });
 
     println!("{:<48} {:>10} {:>10}", "measure", "median ms", "p90 ms");
-    row("create → first exec /bin/true → exit", &first_exec);
+    row("create → first exec → exit, warm, 1 per 30 ms", &warm_paced);
+    row(
+        "create → first exec → exit, warm, back to back",
+        &warm_burst,
+    );
+    row("create → first exec → exit, cold (--warm 0)", &cold);
     row("create with entrypoint /bin/true → returncode", &entry);
     row("exec /bin/true round trip", &exec);
     row("100 concurrent execs (echo, read, wait)", &concurrent);
@@ -203,6 +240,13 @@ fn main() {
     println!(
         "  100 concurrent execs: {:.0} execs/s",
         100.0 / concurrent.median.as_secs_f64()
+    );
+    println!(
+        "  warm sandboxes taken: {}/{} creates at 1 per 30 ms, {}/{} back to back",
+        h1 - h0,
+        (h1 - h0) + (m1 - m0),
+        h2 - h1,
+        (h2 - h1) + (m2 - m1)
     );
 
     let work = support::test_root().join("bench-daemon-peers");
@@ -215,8 +259,10 @@ fn main() {
         println!();
         println!("ratios (sbx through the socket / crun; below 1.0 is faster):");
         println!(
-            "  create+first exec vs crun run: {:.2}x (target ≤ 0.5)",
-            ms(first_exec.median) / ms(run.median)
+            "  create+first exec vs crun run: warm {:.2}x (target ≤ 0.5), back to back {:.2}x, cold {:.2}x",
+            ms(warm_paced.median) / ms(run.median),
+            ms(warm_burst.median) / ms(run.median),
+            ms(cold.median) / ms(run.median)
         );
         println!(
             "  create with entrypoint vs crun run: {:.2}x",

@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 ./scripts/setup.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # The client library alone must build without the runtime's and daemon's dependencies.
 cargo check -p sbx --no-default-features --features client --lib
 cargo build --release --bins --examples

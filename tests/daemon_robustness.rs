@@ -1476,8 +1476,13 @@ fn two_hundred_parallel_creates_and_deletes_leave_nothing_running() {
     assert_eq!(ids.len(), 200);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // Warm sandboxes (started ahead for the next creates) are not the test's.
         let dirs = std::fs::read_dir(d.root.join("run/sandboxes"))
-            .map(|rd| rd.count())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| ids.iter().any(|id| e.file_name().to_string_lossy() == *id))
+                    .count()
+            })
             .unwrap_or(0);
         let (cg, procs) = (cgroups_of(&ids), processes_in(&ids));
         if dirs == 0 && cg.is_empty() && procs.is_empty() {

@@ -346,6 +346,8 @@ fn sandbox_of_a_killed_daemon(cfg: &sbx::runtime::RuntimeConfig, script: &str) -
         .arg(&cfg.run_dir)
         .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
         .env("SBX_LOG", "warn")
+        // Only the sandbox under test: no warm ones left behind by the kill.
+        .env("SBX_WARM", "0")
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();

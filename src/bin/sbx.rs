@@ -698,6 +698,16 @@ fn main() -> ExitCode {
             socket: cli.global.socket,
             state_dir: cli.global.state_dir,
             run_dir: cli.global.run_dir,
+            warm: match std::env::var("SBX_WARM") {
+                Err(_) => sbx::daemon::DEFAULT_WARM,
+                Ok(v) => match v.parse::<usize>() {
+                    Ok(n) if n <= 64 => n,
+                    _ => {
+                        eprintln!("error: invalid: SBX_WARM={v:?}: must be a number from 0 to 64");
+                        return ExitCode::from(2);
+                    }
+                },
+            },
         };
         return match sbx::daemon::run(cfg) {
             Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ pub mod fs;
 pub mod output;
 pub mod server;
 pub mod store;
+mod warm;
 
 use crate::api::{
     self, ApiError, CreateSandbox, EndReason, ErrorCode, Event, EventKind, ExecInfo, ExecRequest,
@@ -33,6 +34,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
+    /// Warm sandboxes kept per recent shape (image + seccomp profile); 0 = none.
+    pub warm: usize,
 }
 
 impl Default for DaemonConfig {
@@ -41,9 +44,13 @@ impl Default for DaemonConfig {
             socket: PathBuf::from(api::DEFAULT_SOCKET),
             state_dir: PathBuf::from("/var/lib/sbx"),
             run_dir: PathBuf::from("/run/sbx"),
+            warm: DEFAULT_WARM,
         }
     }
 }
+
+/// Warm sandboxes per shape unless `--warm`/`SBX_WARM` says otherwise.
+pub const DEFAULT_WARM: usize = 2;
 
 pub(crate) fn now() -> f64 {
     std::time::SystemTime::now()
@@ -58,6 +65,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn internal(what: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, what.to_string())
+}
+
+/// A fresh sandbox id: `sb-` + 22 random base62 characters.
+fn new_sandbox_id() -> String {
+    random_id("sb-", api::SANDBOX_ID_CHARS)
 }
 
 /// `prefix` + `n` random base62 characters.
@@ -121,7 +133,13 @@ async fn wait_exit(
         .read()
         .unwrap_or_else(|x| x.into_inner())
         .exit_watch_fd()
-        .and_then(|fd| tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)));
+        .and_then(|fd| {
+            // Non-blocking as tokio requires; the flag is shared with the original, which is
+            // read only once it is readable (so `wait` never meets EAGAIN).
+            let sock = std::os::unix::net::UnixStream::from(fd);
+            sock.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(sock)
+        });
     let mut timed_out = false;
     match watched {
         Ok(afd) => {
@@ -247,6 +265,7 @@ pub struct Daemon {
     /// Store writes that need not delay a reply (exec records), applied in order.
     writer: Mutex<std::sync::mpsc::Sender<StoreJob>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    pub(crate) warm: Arc<warm::Warm>,
     pub(crate) create_latency: Histogram,
     pub(crate) exec_latency: Histogram,
     pub(crate) cgroup_version: String,
@@ -469,12 +488,14 @@ impl Daemon {
             "v1"
         }
         .to_string();
+        let warm = Arc::new(warm::Warm::new(cfg.warm, rt.clone()));
         let d = Arc::new(Daemon {
             cfg,
             rt,
             store,
             writer,
             live: Mutex::new(HashMap::new()),
+            warm,
             create_latency: Histogram::new(),
             exec_latency: Histogram::new(),
             cgroup_version,
@@ -835,7 +856,6 @@ impl Daemon {
             self.store.touch_volume(&v.name, now())?;
         }
 
-        let id = random_id("sb-", api::SANDBOX_ID_CHARS);
         req.app = Some(app.clone());
         req.timeout_secs = Some(timeout);
         // Keep secret values out of the stored config.
@@ -850,6 +870,27 @@ impl Daemon {
                 }
             })
             .collect();
+        let mut spec = runtime::SandboxSpec {
+            id: None,
+            image,
+            hostname: None,
+            limits: runtime::Limits {
+                memory_bytes: req.memory_mib.map(|m| m << 20),
+                cpu_cores: req.cpu,
+                pids_max: req.pids,
+                ..Default::default()
+            },
+            seccomp,
+            entrypoint: None,
+            mounts,
+        };
+        // A warm sandbox of this shape, if one is ready: its id becomes the sandbox's.
+        let warm = warm::Shape::of(&spec).and_then(|s| self.warm.take(&s, new_sandbox_id));
+        let id = match &warm {
+            Some(w) => w.id.clone(),
+            None => new_sandbox_id(),
+        };
+        spec.id = Some(id.clone());
         let created_at = now();
         self.store.insert_sandbox(&store::NewSandbox {
             id: &id,
@@ -869,7 +910,7 @@ impl Daemon {
                 ready_at: None,
                 returncode: None,
                 end_reason: None,
-                events: 1,
+                events: 2,
             }),
             end_req: watch::Sender::new(None),
             sandbox: Mutex::new(None),
@@ -886,25 +927,13 @@ impl Daemon {
             activity: tokio::sync::Notify::new(),
         });
         lock(&self.live).insert(id.clone(), live.clone());
-        let spec = runtime::SandboxSpec {
-            id: Some(id.clone()),
-            image,
-            hostname: None,
-            limits: runtime::Limits {
-                memory_bytes: live.config.memory_mib.map(|m| m << 20),
-                cpu_cores: live.config.cpu,
-                pids_max: live.config.pids,
-                ..Default::default()
-            },
-            seccomp,
-            entrypoint: None,
-            mounts,
-        };
         let d = self.clone();
         let t0 = Instant::now();
         self.supervisors.send_modify(|n| *n += 1);
         tokio::spawn(async move {
-            d.clone().supervise(live, spec, t0).await;
+            d.clone()
+                .supervise(live, spec, warm.map(|w| w.sandbox), t0)
+                .await;
             d.supervisors.send_modify(|n| *n -= 1);
         });
         Ok(id)
@@ -942,10 +971,15 @@ impl Daemon {
         env.into_iter().collect()
     }
 
-    async fn supervise(self: Arc<Self>, live: Arc<Live>, spec: runtime::SandboxSpec, t0: Instant) {
+    async fn supervise(
+        self: Arc<Self>,
+        live: Arc<Live>,
+        spec: runtime::SandboxSpec,
+        warm: Option<runtime::Sandbox>,
+        t0: Instant,
+    ) {
         // Subscribed before the start, so a terminate while pending is seen after it.
         let mut end_rx = live.end_req.subscribe();
-        self.event(&live, EventKind::Scheduled, None, None, None);
         let out_dir = self.output_dir(&live.id);
         if let Err(e) = std::fs::create_dir_all(&out_dir) {
             self.finish(
@@ -980,7 +1014,19 @@ impl Daemon {
         // The workdir is made (as sandbox root, mkdir -p) before the entrypoint starts in it, as
         // Docker and runc do for a missing working directory.
         let spawned = tokio::task::spawn_blocking(move || {
-            let sb = runtime::Sandbox::spawn(&rt, spec)?;
+            let sb = match warm {
+                // Started ahead of time with default limits: this create's go into its cgroup.
+                Some(sb) => {
+                    if spec.limits != runtime::Limits::default() {
+                        if let Err(e) = sb.set_limits(&spec.limits) {
+                            let _ = sb.destroy();
+                            return Err(e);
+                        }
+                    }
+                    sb
+                }
+                None => runtime::Sandbox::spawn(&rt, spec)?,
+            };
             if let Some(w) = &workdir {
                 if let Err(e) = sb.fs().mkdir(w, true) {
                     tracing::warn!(sandbox = %sb.id(), workdir = %w, error = %e, "could not create the workdir");
@@ -1740,6 +1786,7 @@ impl Daemon {
         {
             tracing::error!("sandboxes still tearing down after 30 s; stopping anyway");
         }
+        self.warm.close().await;
         self.store_flush().await;
         let _ = tokio::task::spawn_blocking(|| {
             for e in runtime::janitor::flush() {
@@ -1789,6 +1836,14 @@ pub fn main_from_args(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
     if let Some(s) = std::env::var_os("SBX_RUN_DIR") {
         cfg.run_dir = s.into();
     }
+    match std::env::var("SBX_WARM").map(|v| v.parse::<usize>()) {
+        Ok(Ok(n)) if n <= 64 => cfg.warm = n,
+        Ok(_) => {
+            eprintln!("sbxd: SBX_WARM takes a number of sandboxes from 0 to 64");
+            return std::process::ExitCode::from(2);
+        }
+        Err(_) => {}
+    }
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let a = a.to_string_lossy().into_owned();
@@ -1805,8 +1860,15 @@ pub fn main_from_args(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
             "--socket" => cfg.socket = value().unwrap_or_default().into(),
             "--state-dir" => cfg.state_dir = value().unwrap_or_default().into(),
             "--run-dir" => cfg.run_dir = value().unwrap_or_default().into(),
+            "--warm" => match value().and_then(|v| v.parse::<usize>().ok()) {
+                Some(n) if n <= 64 => cfg.warm = n,
+                _ => {
+                    eprintln!("sbxd: --warm takes a number of sandboxes from 0 to 64");
+                    return std::process::ExitCode::from(2);
+                }
+            },
             "-h" | "--help" => {
-                println!("sbxd: the sbx sandbox daemon\n\nUsage: sbxd [--socket PATH] [--state-dir DIR] [--run-dir DIR]\n\n  --socket PATH     Unix socket to serve (env SBX_SOCKET; default {})\n  --state-dir DIR   persistent state (env SBX_STATE_DIR; default /var/lib/sbx)\n  --run-dir DIR     runtime files (env SBX_RUN_DIR; default /run/sbx)\n\nLogs go to stderr; SBX_LOG sets the filter (e.g. debug).", api::DEFAULT_SOCKET);
+                println!("sbxd: the sbx sandbox daemon\n\nUsage: sbxd [--socket PATH] [--state-dir DIR] [--run-dir DIR] [--warm N]\n\n  --socket PATH     Unix socket to serve (env SBX_SOCKET; default {})\n  --state-dir DIR   persistent state (env SBX_STATE_DIR; default /var/lib/sbx)\n  --run-dir DIR     runtime files (env SBX_RUN_DIR; default /run/sbx)\n  --warm N          sandboxes started ahead of time for each of the 2 most recent\n                    shapes (image + seccomp profile) of creates (env SBX_WARM; default {}; 0 = off)\n\nLogs go to stderr; SBX_LOG sets the filter (e.g. debug).", api::DEFAULT_SOCKET, DEFAULT_WARM);
                 return std::process::ExitCode::SUCCESS;
             }
             "-V" | "--version" => {

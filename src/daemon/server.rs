@@ -272,6 +272,17 @@ async fn metrics(State(d): D) -> Response {
             counts.get(st).copied().unwrap_or(0)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP sbx_warm_sandboxes Sandboxes started ahead of time, ready for a create.\n# TYPE sbx_warm_sandboxes gauge\nsbx_warm_sandboxes {}",
+        d.warm.ready()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sbx_warm_creates_total Creates that could use a warm sandbox, by whether one was ready.\n# TYPE sbx_warm_creates_total counter\nsbx_warm_creates_total{{result=\"hit\"}} {}\nsbx_warm_creates_total{{result=\"miss\"}} {}",
+        d.warm.hits.load(std::sync::atomic::Ordering::Relaxed),
+        d.warm.misses.load(std::sync::atomic::Ordering::Relaxed)
+    );
     d.create_latency.render(
         "sbx_sandbox_create_seconds",
         "Time from a create request until the sandbox runs.",

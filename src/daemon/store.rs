@@ -115,7 +115,7 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Insert a pending sandbox and its Created event; `already_exists` when the name is held
+    /// Insert a pending sandbox and its Created and Scheduled events; `already_exists` when the name is held
     /// by a running sandbox of the app.
     pub fn insert_sandbox(&self, s: &NewSandbox<'_>) -> Result<(), ApiError> {
         let mut conn = self.conn();
@@ -139,8 +139,9 @@ impl Store {
             }
         }
         r.map_err(|e| internal("insert sandbox", e))?;
+        // Created, then at once Scheduled: this host runs it (one write instead of two).
         tx.execute(
-            "INSERT INTO events (sandbox_id, seq, kind, at) VALUES (?1, 1, 'created', ?2)",
+            "INSERT INTO events (sandbox_id, seq, kind, at) VALUES (?1, 1, 'created', ?2), (?1, 2, 'scheduled', ?2)",
             params![s.id, s.created_at],
         )
         .map_err(|e| internal("insert event", e))?;
@@ -646,7 +647,11 @@ mod tests {
         assert_eq!(info.end_reason, Some(EndReason::Terminated));
         assert_eq!(
             info.events.iter().map(|e| e.kind).collect::<Vec<_>>(),
-            vec![EventKind::Created, EventKind::Finished]
+            vec![
+                EventKind::Created,
+                EventKind::Scheduled,
+                EventKind::Finished
+            ]
         );
     }
 

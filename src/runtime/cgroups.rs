@@ -763,6 +763,13 @@ impl SandboxCgroup {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Replace the limits of a live cgroup (defaults for what `limits` leaves out). Lowering
+    /// memory below what the group uses fails with the kernel's error, naming the file.
+    pub fn update(&self, limits: &Limits) -> Result<(), CgroupError> {
+        let resolved = limits.resolve()?;
+        self.apply(&resolved)
+    }
+
     /// Write the limits into the (fresh) cgroup.
     fn apply(&self, limits: &Resolved) -> Result<(), CgroupError> {
         match &self.layout {

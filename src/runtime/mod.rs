@@ -611,6 +611,26 @@ impl Sandbox {
         lock(&self.inner.entrypoint).take()
     }
 
+    /// Whether init still runs (nothing waited for its end and its pidfd is not readable).
+    pub fn alive(&self) -> bool {
+        if lock(&self.inner.exit).is_some() {
+            return false;
+        }
+        match &self.inner.init_pidfd {
+            Some(fd) => !wait_readable_for(fd, 0),
+            None => self.helper_alive(),
+        }
+    }
+
+    /// Replace the sandbox's resource limits while it runs (a sandbox started ahead of time
+    /// and handed to a create with its own limits). Fields left `None` get the defaults.
+    pub fn set_limits(&self, limits: &Limits) -> Result<(), RuntimeError> {
+        match lock(&self.inner.cgroup).as_ref() {
+            Some(c) => Ok(c.update(limits)?),
+            None => Err(RuntimeError::Finished(self.inner.id.clone())),
+        }
+    }
+
     /// Start a process in the sandbox.
     pub fn exec(&self, spec: ExecSpec) -> Result<Process, RuntimeError> {
         self.start(spec, false)
