@@ -892,14 +892,21 @@ impl Daemon {
         };
         spec.id = Some(id.clone());
         let created_at = now();
-        self.store.insert_sandbox(&store::NewSandbox {
+        let inserted = self.store.insert_sandbox(&store::NewSandbox {
             id: &id,
             app: &app,
             name: req.name.as_deref(),
             tags: &req.tags,
             config: &shown,
             created_at,
-        })?;
+        });
+        if let Err(e) = inserted {
+            // Refused (a name taken): the warm sandbox ran nothing and nobody saw its id.
+            if let (Some(w), Some(shape)) = (warm, warm::Shape::of(&spec)) {
+                self.warm.put_back(&shape, w);
+            }
+            return Err(e);
+        }
         let live = Arc::new(Live {
             id: id.clone(),
             volumes: req.volumes.iter().map(|v| v.name.clone()).collect(),

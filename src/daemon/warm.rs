@@ -159,6 +159,23 @@ impl Warm {
         got
     }
 
+    /// Return a sandbox taken by a create that was then refused (before its id was revealed).
+    pub fn put_back(&self, shape: &Shape, r: Ready) {
+        let rejected = {
+            let mut slots = lock(&self.slots);
+            match slots.iter_mut().find(|s| s.shape == *shape) {
+                Some(slot) if !self.closed.load(Ordering::SeqCst) => {
+                    slot.ready.insert(0, r);
+                    None
+                }
+                _ => Some(r),
+            }
+        };
+        if let Some(r) = rejected {
+            destroy_later(vec![r]);
+        }
+    }
+
     /// Refill: one sandbox at a time, most recent shape first; let go of idle shapes.
     async fn fill(self: Arc<Self>, new_id: fn() -> String) {
         loop {
