@@ -1,8 +1,10 @@
 //! Image references for sbx: turn an image reference into the read-only layers (and host binds)
-//! a sandbox rootfs is assembled from. Today: the built-in `host` image and plain rootfs
-//! directories (`dir:PATH`); registries, OCI layouts and builds come later.
+//! a sandbox rootfs is assembled from: the built-in `host` image, plain rootfs directories
+//! (`dir:PATH`) and images in the content store (`im-…`: pulled, imported or built), whose
+//! layers are unpacked once each and shared.
 
 pub mod apply;
+pub mod layers;
 pub mod oci;
 pub mod reference;
 pub mod registry;
@@ -23,6 +25,8 @@ pub enum ImageRef {
     Host,
     /// A rootfs directory on the host, used read-only as the lower layer.
     Dir(PathBuf),
+    /// An image in the content store under `<state_dir>/images` (`im-` + 24 hex digits).
+    Stored(store::ImageId),
 }
 
 impl fmt::Display for ImageRef {
@@ -30,13 +34,17 @@ impl fmt::Display for ImageRef {
         match self {
             ImageRef::Host => write!(f, "host"),
             ImageRef::Dir(p) => write!(f, "dir:{}", p.display()),
+            ImageRef::Stored(id) => write!(f, "{id}"),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("invalid image reference {0:?}: expected `host` or `dir:/absolute/path`")]
+    #[error(
+        "invalid image reference {0:?}: expected `host`, `dir:/absolute/path` or an image id \
+         `im-` followed by 24 lowercase hex digits"
+    )]
     InvalidRef(String),
     #[error("image directory {path} is not usable: {reason}")]
     BadDir { path: PathBuf, reason: String },
@@ -46,6 +54,16 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("image {id} is not in the store (pull, import or build it first)")]
+    NotInStore { id: store::ImageId },
+    #[error("reading image {id} from the store failed: {source}")]
+    Store {
+        id: store::ImageId,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error(transparent)]
+    Layers(#[from] layers::LayerError),
 }
 
 impl FromStr for ImageRef {
@@ -60,6 +78,11 @@ impl FromStr for ImageRef {
                 return Err(ImageError::InvalidRef(s.to_string()));
             }
             return Ok(ImageRef::Dir(path));
+        }
+        if s.starts_with("im-") {
+            if let Ok(reference::Reference::Built(id)) = reference::Reference::parse(s) {
+                return Ok(ImageRef::Stored(id));
+            }
         }
         Err(ImageError::InvalidRef(s.to_string()))
     }
@@ -80,6 +103,23 @@ pub struct Resolved {
     pub lowers: Vec<PathBuf>,
     /// Host directories bound read-only on top of the overlay.
     pub binds: Vec<HostBind>,
+    /// The lowers hold canonical ids (uid 0 is the image's root) and must be mounted id-mapped
+    /// through the sandbox's user namespace, so that host uid/gid N shows as N inside. True
+    /// for stored images; false for `host` and `dir:` (used as they are on the host).
+    pub idmap_lowers: bool,
+    /// The run settings of a stored image (Env, Entrypoint, Cmd, WorkingDir, User,
+    /// ExposedPorts) for the caller to apply; `None` for `host` and `dir:`.
+    pub config: Option<store::ImageConfig>,
+}
+
+/// The content store of images under a state directory (`<state_dir>/images`).
+pub fn image_store(state_dir: &Path) -> Result<store::Store, store::StoreError> {
+    store::Store::new(state_dir.join("images"))
+}
+
+/// Where the unpacked layers of stored images live (`<state_dir>/images/layers`, 0700).
+pub fn layers_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("images").join("layers")
 }
 
 /// Directories every sandbox upper layer starts with, owned by the sandbox's root, with their
@@ -114,6 +154,26 @@ pub fn resolve(image: &ImageRef, state_dir: &Path) -> Result<Resolved, ImageErro
             Ok(Resolved {
                 lowers: vec![path.clone()],
                 binds: vec![],
+                idmap_lowers: false,
+                config: None,
+            })
+        }
+        ImageRef::Stored(id) => {
+            let store_err = |source| ImageError::Store {
+                id: id.clone(),
+                source,
+            };
+            let store = image_store(state_dir).map_err(store_err)?;
+            let record = store.load_image(id).map_err(|e| match e {
+                store::StoreError::ImageMissing { .. } => ImageError::NotInStore { id: id.clone() },
+                e => store_err(e),
+            })?;
+            let lowers = layers::unpack_image(&store, &record, &layers_dir(state_dir))?;
+            Ok(Resolved {
+                lowers,
+                binds: vec![],
+                idmap_lowers: true,
+                config: Some(record.config),
             })
         }
     }
@@ -205,6 +265,8 @@ fn host_image(state_dir: &Path, host_root: &Path) -> Result<Resolved, ImageError
     Ok(Resolved {
         lowers: vec![dir],
         binds,
+        idmap_lowers: false,
+        config: None,
     })
 }
 
@@ -328,7 +390,20 @@ mod tests {
             "dir:/srv/rootfs".parse::<ImageRef>().ok(),
             Some(ImageRef::Dir("/srv/rootfs".into()))
         );
-        for bad in ["", "dir:relative", "dir:/a/../b", "docker://x"] {
+        let id = format!("im-{}", "0123456789abcdef01234567");
+        let parsed: ImageRef = id.parse().unwrap();
+        assert!(matches!(&parsed, ImageRef::Stored(i) if i.as_str() == id));
+        assert_eq!(parsed.to_string(), id);
+        assert_eq!(parsed.to_string().parse::<ImageRef>().ok(), Some(parsed));
+        for bad in [
+            "",
+            "dir:relative",
+            "dir:/a/../b",
+            "docker://x",
+            "im-abc",
+            "im-0123456789ABCDEF01234567",
+            "busybox:1",
+        ] {
             let e = bad.parse::<ImageRef>().unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }

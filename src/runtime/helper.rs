@@ -44,8 +44,33 @@ pub enum HelperError {
         fstype: String,
         errno: nix::Error,
     },
+    #[error(
+        "the kernel refused an id-mapped mount of the image layer {path} on its {fstype} \
+         filesystem ({errno}); stored images need a state directory on a filesystem with \
+         id-mapped mount support (ext4, xfs, btrfs, tmpfs on Linux 6.3+)"
+    )]
+    LayerIdmapUnsupported {
+        path: PathBuf,
+        fstype: String,
+        errno: nix::Error,
+    },
+    #[error("failed to {step}: {source}{}", kernel_said(.log))]
+    Overlay {
+        step: String,
+        source: nix::Error,
+        /// What overlayfs logged on the filesystem context, if anything.
+        log: String,
+    },
     #[error(transparent)]
     Proto(#[from] proto::ProtoError),
+}
+
+fn kernel_said(log: &str) -> String {
+    if log.is_empty() {
+        String::new()
+    } else {
+        format!(" (kernel: {log})")
+    }
 }
 
 impl HelperError {
@@ -57,6 +82,10 @@ impl HelperError {
             HelperError::IdmapUnsupported { path, .. } => {
                 format!("id-map the volume {}", path.display())
             }
+            HelperError::LayerIdmapUnsupported { path, .. } => {
+                format!("id-map the image layer {}", path.display())
+            }
+            HelperError::Overlay { step, .. } => step.clone(),
             HelperError::Proto(_) => "talk to init".into(),
         }
     }
@@ -270,27 +299,11 @@ fn wait_for(child: Pid) -> WaitStatus {
 /// Overlay of the image layers with the sandbox's upper, then read-only host binds on top.
 fn mount_rootfs(cfg: &HelperConfig) -> Result<(), HelperError> {
     let plan = &cfg.rootfs;
-    let lowers: Vec<String> = plan
-        .lowers
-        .iter()
-        .map(|p| escape_overlay_path(&p.to_string_lossy()))
-        .collect();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},index=off,xino=off",
-        lowers.join(":"),
-        escape_overlay_path(&plan.upper.to_string_lossy()),
-        escape_overlay_path(&plan.work.to_string_lossy()),
-    );
-    sys(
-        format!("mount the overlay on {}", plan.merged.display()),
-        mount(
-            Some("overlay"),
-            &plan.merged,
-            Some("overlay"),
-            MsFlags::MS_NODEV,
-            Some(opts.as_str()),
-        ),
-    )?;
+    if plan.idmap_lowers {
+        mount_idmapped_overlay(cfg)?;
+    } else {
+        mount_plain_overlay(plan)?;
+    }
     for b in &plan.binds {
         let rel = b.target.strip_prefix("/").unwrap_or(&b.target);
         let target = plan.merged.join(rel);
@@ -321,6 +334,408 @@ fn mount_rootfs(cfg: &HelperConfig) -> Result<(), HelperError> {
         )?;
     }
     Ok(())
+}
+
+/// The `host` and `dir:` images: lowers used as they are, in one `lowerdir=` option.
+fn mount_plain_overlay(plan: &proto::RootfsPlan) -> Result<(), HelperError> {
+    let lowers: Vec<String> = plan
+        .lowers
+        .iter()
+        .map(|p| escape_overlay_path(&p.to_string_lossy()))
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},index=off,xino=off",
+        lowers.join(":"),
+        escape_overlay_path(&plan.upper.to_string_lossy()),
+        escape_overlay_path(&plan.work.to_string_lossy()),
+    );
+    sys(
+        format!("mount the overlay on {}", plan.merged.display()),
+        mount(
+            Some("overlay"),
+            &plan.merged,
+            Some("overlay"),
+            MsFlags::MS_NODEV,
+            Some(opts.as_str()),
+        ),
+    )
+}
+
+/// Mount attributes of each id-mapped image layer: read-only, no devices, no setuid for
+/// whoever would reach it by path. (Overlayfs takes private clones of its layers and judges
+/// exec and devices by the overlay mount's own flags: nodev, and setuid allowed as on the
+/// `host` image — it yields at most sandbox root, an unprivileged host uid, and every
+/// sandbox process runs with no_new_privs anyway.)
+const LAYER_ATTRS: u64 =
+    super::sys::MOUNT_ATTR_RDONLY | super::sys::MOUNT_ATTR_NOSUID | super::sys::MOUNT_ATTR_NODEV;
+
+/// The overlay of a stored image, whose layers hold canonical ids: every layer is mounted
+/// id-mapped through a user namespace with the sandbox's maps (host uid/gid N is sandbox N,
+/// as for volumes), so image root's files belong to sandbox root in every sandbox and a
+/// copy-up lands in the upper owned by the sandbox's own host uids.
+///
+/// Where the id-mapped layers are: nowhere. Each is a detached clone of the layer directory
+/// (`open_tree`), id-mapped (`mount_setattr`) and handed to overlayfs by descriptor,
+/// `fsconfig(FSCONFIG_SET_FD, "lowerdir+")` (layers by descriptor since Linux 6.13, detached
+/// mounts among them since 6.15); overlayfs keeps private clones, the descriptors are closed
+/// right after. Nothing is attached anywhere, so no path reaches a layer's setuid files and
+/// no mount table (the sandbox's included) lists them. One `lowerdir+` per layer also lifts
+/// the one-page limit of a `lowerdir=` option: overlayfs's own cap of 500 layers applies.
+///
+/// A kernel that refuses a layer by descriptor (EINVAL) gets them attached under
+/// `<sandbox run dir>/lowers/<n>` in this private mount namespace instead, named by path with
+/// `lowerdir+` (6.8+) or, before that, in one `lowerdir=` option given relative to that
+/// directory (`0:1:2…`, short) while it is our working directory. Those attachments are
+/// detached as soon as the overlay exists, before init's namespace is copied from ours.
+///
+/// Ordering: the layers are id-mapped before init exists (the overlay must be in our mount
+/// namespace when init's is copied from it), so the user namespace used for the mapping is a
+/// short-lived one of our own with the same maps (see [`mapping_userns`]).
+fn mount_idmapped_overlay(cfg: &HelperConfig) -> Result<(), HelperError> {
+    let plan = &cfg.rootfs;
+    let userns = mapping_userns(cfg)?;
+    let overlay = match overlay_by_fd(plan, &userns) {
+        Ok(mnt) => Some(mnt),
+        Err(ByFd::Unsupported) => overlay_by_path(plan, &userns)?,
+        Err(ByFd::Failed(e)) => return Err(e),
+    };
+    if let Some(mnt) = overlay {
+        let step = format!("attach the overlay on {}", plan.merged.display());
+        let target = open_dir_path(&plan.merged).map_err(|source| HelperError::Io {
+            step: step.clone(),
+            source,
+        })?;
+        sys(
+            step,
+            super::sys::move_mount_onto(mnt.as_fd(), target.as_fd()),
+        )?;
+    }
+    Ok(())
+}
+
+/// How the by-descriptor attempt ended when it did not give an overlay.
+enum ByFd {
+    /// The kernel does not take layers by descriptor (EINVAL): attach them and use paths.
+    Unsupported,
+    Failed(HelperError),
+}
+
+impl From<HelperError> for ByFd {
+    fn from(e: HelperError) -> Self {
+        ByFd::Failed(e)
+    }
+}
+
+/// The overlay as a detached mount, every layer, the upper and the work dir given by
+/// descriptor.
+fn overlay_by_fd(plan: &proto::RootfsPlan, userns: &OwnedFd) -> Result<OwnedFd, ByFd> {
+    use super::sys::{fsconfig_create, fsconfig_set_fd, fsconfig_set_string};
+    let fs = overlay_context()?;
+    // The detached layer mounts stay open until the overlay exists: closing one dissolves
+    // its anonymous mount namespace, and overlayfs (which clones them at create time) would
+    // then refuse it with EINVAL.
+    raise_nofile_limit(plan.lowers.len());
+    let mut trees = Vec::with_capacity(plan.lowers.len());
+    for lower in &plan.lowers {
+        let tree = idmapped_layer(lower, userns)?;
+        match fsconfig_set_fd(fs.as_fd(), "lowerdir+", tree.as_fd()) {
+            Ok(()) => trees.push(tree),
+            Err(nix::Error::EINVAL) => return Err(ByFd::Unsupported),
+            Err(source) => {
+                return Err(ByFd::Failed(overlay_err(
+                    format!("add the image layer {} to the overlay", lower.display()),
+                    source,
+                    &fs,
+                )))
+            }
+        }
+    }
+    for (key, dir) in [("upperdir", &plan.upper), ("workdir", &plan.work)] {
+        let step = format!("give the overlay its {key} {}", dir.display());
+        let fd = open_dir_path(dir).map_err(|source| HelperError::Io {
+            step: step.clone(),
+            source,
+        })?;
+        fsconfig_set_fd(fs.as_fd(), key, fd.as_fd())
+            .map_err(|source| overlay_err(step, source, &fs))?;
+    }
+    for (key, value) in [("index", "off"), ("xino", "off")] {
+        fsconfig_set_string(fs.as_fd(), key, value.as_ref()).map_err(|source| {
+            overlay_err(format!("set the overlay option {key}={value}"), source, &fs)
+        })?;
+    }
+    match fsconfig_create(fs.as_fd()) {
+        Ok(()) => {}
+        // Before 6.15 a detached layer mount is refused only here.
+        Err(nix::Error::EINVAL) => return Err(ByFd::Unsupported),
+        Err(source) => {
+            return Err(ByFd::Failed(overlay_err(
+                format!("create the overlay of {} layers", plan.lowers.len()),
+                source,
+                &fs,
+            )))
+        }
+    }
+    let overlay = finish_overlay(&fs)?;
+    drop(trees);
+    Ok(overlay)
+}
+
+/// Room for one descriptor per layer (at most 500) besides our few: raise the soft
+/// `RLIMIT_NOFILE` towards the hard one if needed. Init sets its own limits later.
+fn raise_nofile_limit(layers: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = layers as u64 + 64;
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < want {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
+        }
+    }
+}
+
+/// The fallback: layers attached under `<run dir>/lowers/<n>` and named by path. Returns the
+/// overlay as a detached mount, or `None` when it was mounted on `merged` directly (the
+/// `lowerdir=` option of kernels before 6.8).
+fn overlay_by_path(
+    plan: &proto::RootfsPlan,
+    userns: &OwnedFd,
+) -> Result<Option<OwnedFd>, HelperError> {
+    let dir = plan
+        .merged
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("lowers");
+    let io = |step: String| move |source| HelperError::Io { step, source };
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(io(format!("create {}", dir.display()))(e))
+        }
+        _ => {}
+    }
+    let mut attached: Vec<PathBuf> = Vec::with_capacity(plan.lowers.len());
+    let result = (|| {
+        for (i, lower) in plan.lowers.iter().enumerate() {
+            let at = dir.join(i.to_string());
+            std::fs::create_dir(&at).map_err(io(format!("create {}", at.display())))?;
+            let tree = idmapped_layer(lower, userns)?;
+            let step = format!(
+                "attach the image layer {} on {}",
+                lower.display(),
+                at.display()
+            );
+            let target = open_dir_path(&at).map_err(io(step.clone()))?;
+            sys(
+                step,
+                super::sys::move_mount_onto(tree.as_fd(), target.as_fd()),
+            )?;
+            attached.push(at);
+        }
+        overlay_of_attached(plan, &dir, &attached)
+    })();
+    // The overlay holds its own clones of the layers: the attachments can go now.
+    for at in attached.iter().rev() {
+        let _ = nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(at);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    result
+}
+
+fn overlay_of_attached(
+    plan: &proto::RootfsPlan,
+    dir: &Path,
+    attached: &[PathBuf],
+) -> Result<Option<OwnedFd>, HelperError> {
+    use super::sys::{fsconfig_create, fsconfig_set_string};
+    let fs = overlay_context()?;
+    for (i, at) in attached.iter().enumerate() {
+        match fsconfig_set_string(fs.as_fd(), "lowerdir+", at.as_os_str()) {
+            Ok(()) => {}
+            // No `lowerdir+` before 6.8: one `lowerdir=` option through mount(2).
+            Err(nix::Error::EINVAL) if i == 0 => {
+                return mount_lowerdir_option(plan, dir).map(|()| None)
+            }
+            Err(source) => {
+                return Err(overlay_err(
+                    format!("add the image layer {} to the overlay", at.display()),
+                    source,
+                    &fs,
+                ))
+            }
+        }
+    }
+    for (key, value) in [
+        ("upperdir", plan.upper.as_os_str()),
+        ("workdir", plan.work.as_os_str()),
+        ("index", "off".as_ref()),
+        ("xino", "off".as_ref()),
+    ] {
+        fsconfig_set_string(fs.as_fd(), key, value).map_err(|source| {
+            overlay_err(
+                format!("set the overlay option {key}={}", value.to_string_lossy()),
+                source,
+                &fs,
+            )
+        })?;
+    }
+    fsconfig_create(fs.as_fd()).map_err(|source| {
+        overlay_err(
+            format!("create the overlay of {} layers", attached.len()),
+            source,
+            &fs,
+        )
+    })?;
+    finish_overlay(&fs).map(Some)
+}
+
+/// Kernels before 6.8: `lowerdir=0:1:2…` relative to `dir` (where the layers are attached,
+/// made our working directory for the call), in one mount(2) option of at most a page.
+fn mount_lowerdir_option(plan: &proto::RootfsPlan, dir: &Path) -> Result<(), HelperError> {
+    let names: Vec<String> = (0..plan.lowers.len()).map(|i| i.to_string()).collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},index=off,xino=off",
+        names.join(":"),
+        escape_overlay_path(&plan.upper.to_string_lossy()),
+        escape_overlay_path(&plan.work.to_string_lossy()),
+    );
+    // copy_mount_options() takes at most one page.
+    if opts.len() >= 4096 {
+        return Err(HelperError::Io {
+            step: format!("mount the overlay of {} layers", plan.lowers.len()),
+            source: std::io::Error::other(format!(
+                "this kernel (before Linux 6.8) takes the layers in one option of at most 4095                  bytes, and {} layers need {}",
+                plan.lowers.len(),
+                opts.len()
+            )),
+        });
+    }
+    let step = format!("enter {}", dir.display());
+    let back = open_dir_path(Path::new(".")).map_err(|source| HelperError::Io {
+        step: step.clone(),
+        source,
+    })?;
+    sys(step, nix::unistd::chdir(dir))?;
+    let mounted = mount(
+        Some("overlay"),
+        &plan.merged,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    );
+    sys(
+        "return to the previous directory",
+        nix::unistd::fchdir(back.as_raw_fd()),
+    )?;
+    sys(
+        format!(
+            "mount the overlay of {} layers on {}",
+            plan.lowers.len(),
+            plan.merged.display()
+        ),
+        mounted,
+    )
+}
+
+fn overlay_context() -> Result<OwnedFd, HelperError> {
+    sys(
+        "open an overlay filesystem context (is overlayfs available?)",
+        super::sys::fsopen("overlay"),
+    )
+}
+
+/// The created overlay as a detached mount: nodev, like the `host` image's overlay.
+fn finish_overlay(fs: &OwnedFd) -> Result<OwnedFd, HelperError> {
+    super::sys::fsmount(fs.as_fd(), super::sys::MOUNT_ATTR_NODEV)
+        .map_err(|source| overlay_err("mount the overlay".into(), source, fs))
+}
+
+fn overlay_err(step: String, source: nix::Error, fs: &OwnedFd) -> HelperError {
+    HelperError::Overlay {
+        step,
+        source,
+        log: fs_context_log(fs),
+    }
+}
+
+/// The messages a filesystem context logged (`e overlayfs: …` lines), joined.
+fn fs_context_log(fs: &OwnedFd) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        match nix::unistd::read(fs.as_raw_fd(), &mut buf) {
+            Ok(n) if n > 0 => out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+            _ => break,
+        }
+    }
+    out.join("; ")
+}
+
+/// A directory opened `O_PATH`, not through a symlink in its last component.
+fn open_dir_path(dir: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map(OwnedFd::from)
+}
+
+/// A detached clone of the layer directory `lower`, read-only, id-mapped through `userns`.
+fn idmapped_layer(lower: &Path, userns: &OwnedFd) -> Result<OwnedFd, HelperError> {
+    let tree = sys(
+        format!("open the image layer {}", lower.display()),
+        super::sys::open_tree_clone(lower),
+    )?;
+    match super::sys::mount_setattr(tree.as_fd(), LAYER_ATTRS, Some(userns.as_fd())) {
+        Ok(()) => Ok(tree),
+        Err(errno @ (nix::Error::EINVAL | nix::Error::EOPNOTSUPP)) => {
+            Err(HelperError::LayerIdmapUnsupported {
+                path: lower.to_path_buf(),
+                fstype: fs_name(&tree),
+                errno,
+            })
+        }
+        Err(source) => Err(HelperError::Sys {
+            step: format!("id-map the image layer {}", lower.display()),
+            source,
+        }),
+    }
+}
+
+/// A user namespace with the sandbox's maps (sandbox 0..count is host id_base..), for
+/// id-mapping the image layers before init — and its own user namespace — exists. A child is
+/// cloned into a new user namespace and waits on a pipe while we write its maps and open the
+/// namespace; it then exits, and the namespace lives on as long as the descriptor (and every
+/// mount id-mapped through it) does. Costs one fork of this small process.
+fn mapping_userns(cfg: &HelperConfig) -> Result<OwnedFd, HelperError> {
+    let (rd, wr) = sys(
+        "create a pipe",
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC),
+    )?;
+    let cloned = sys(
+        "clone a process into a user namespace for the layer mappings",
+        super::sys::clone_fork(CloneFlags::CLONE_NEWUSER),
+    )?;
+    let Some(child) = cloned else {
+        // The child: wait for the parent to be done with us (EOF), then leave.
+        drop(wr);
+        let mut b = [0u8; 1];
+        let _ = nix::unistd::read(rd.as_raw_fd(), &mut b);
+        super::sys::exit_now(0)
+    };
+    drop(rd);
+    let res = write_id_maps(cfg, child).and_then(|()| {
+        let ns_path = format!("/proc/{}/ns/user", child.as_raw());
+        std::fs::File::open(&ns_path)
+            .map(OwnedFd::from)
+            .map_err(|source| HelperError::Io {
+                step: format!("open the layer mapping user namespace {ns_path}"),
+                source,
+            })
+    });
+    drop(wr);
+    let _ = wait_for(child);
+    res
 }
 
 /// A read-only sysfs at `<rootfs>/sys`, tagged with our network namespace (so /sys/class/net
@@ -389,6 +804,17 @@ fn bind_control_socket(path: &Path) -> Result<OwnedFd, HelperError> {
 
 /// Map sandbox uid/gid 0..count to the host range, and put init in its cgroup, before it runs.
 fn write_mappings(cfg: &HelperConfig, child: Pid) -> Result<(), HelperError> {
+    let io = |step: String| move |source| HelperError::Io { step, source };
+    write_id_maps(cfg, child)?;
+    for procs in &cfg.cgroup_procs {
+        std::fs::write(procs, child.as_raw().to_string())
+            .map_err(io(format!("add init to {}", procs.display())))?;
+    }
+    Ok(())
+}
+
+/// Write the uid and gid maps of `child`'s user namespace: sandbox 0..count is the host range.
+fn write_id_maps(cfg: &HelperConfig, child: Pid) -> Result<(), HelperError> {
     let map = format!("0 {} {}\n", cfg.id_base, cfg.id_count);
     let io = |step: String| move |source| HelperError::Io { step, source };
     // We are privileged in the parent user namespace, so setgroups may stay allowed
@@ -398,10 +824,6 @@ fn write_mappings(cfg: &HelperConfig, child: Pid) -> Result<(), HelperError> {
         .map_err(io(format!("write uid_map {map:?}")))?;
     std::fs::write(format!("{base}/gid_map"), &map)
         .map_err(io(format!("write gid_map {map:?}")))?;
-    for procs in &cfg.cgroup_procs {
-        std::fs::write(procs, child.as_raw().to_string())
-            .map_err(io(format!("add init to {}", procs.display())))?;
-    }
     Ok(())
 }
 

@@ -360,23 +360,24 @@ impl Sandbox {
         mkdir(&upper, 0o755)?;
         mkdir(&work, 0o700)?;
         // The sandbox's root owns its / and the usual writable dirs (an overlay directory
-        // present in the upper shows the upper's owner and mode).
+        // present in the upper shows the upper's owner and mode). A stored image keeps its
+        // own (its root's dirs are sandbox root's through the id-mapped layers): only those
+        // whose top directory it lacks are made.
         chown_to(&upper, ids.base)?;
         for (rel, mode) in rootfs_fetch::UPPER_DIRS {
+            let top = rel.split('/').next().unwrap_or(rel);
+            if image.idmap_lowers && top_entry(&image.lowers, top).is_some() {
+                continue;
+            }
             let p = upper.join(rel);
             mkdir(&p, *mode)?;
             chown_to(&p, ids.base)?;
         }
-        // Mount points the image lacks (a bare rootfs directory may have no /proc).
+        // Mount points the image lacks (a bare rootfs directory may have no /proc). An
+        // image's symlink named proc must not count (it would be followed on the host); a
+        // real directory in the upper hides it.
         for rel in rootfs_fetch::MOUNT_POINTS {
-            // symlink_metadata: an image's symlink named proc must not count (it would be
-            // followed on the host); a real directory in the upper hides it.
-            let is_dir = |l: &PathBuf| {
-                std::fs::symlink_metadata(l.join(rel))
-                    .map(|m| m.is_dir())
-                    .unwrap_or(false)
-            };
-            if !image.lowers.iter().any(is_dir) {
+            if !top_entry(&image.lowers, rel).is_some_and(|m| m.is_dir()) {
                 mkdir(&upper.join(rel), 0o755)?;
             }
         }
@@ -404,6 +405,7 @@ impl Sandbox {
                         target: b.target,
                     })
                     .collect(),
+                idmap_lowers: image.idmap_lowers,
             },
             cgroup_procs,
             control_socket: control_socket.clone(),
@@ -1284,6 +1286,17 @@ fn open_init_pidfd(pid: i32, id: &str) -> Option<OwnedFd> {
     cg.lines()
         .any(|l| l.rsplit(':').next() == Some(ours.as_str()))
         .then_some(fd)
+}
+
+/// What the overlay of `lowers` (topmost first) shows at `/name` (one component): the topmost
+/// layer's entry, not followed if it is a symlink; `None` when absent or whited out (a 0/0
+/// character device).
+fn top_entry(lowers: &[PathBuf], name: &str) -> Option<std::fs::Metadata> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = lowers
+        .iter()
+        .find_map(|l| std::fs::symlink_metadata(l.join(name)).ok())?;
+    (!(m.file_type().is_char_device() && m.rdev() == 0)).then_some(m)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -191,6 +191,11 @@ pub struct RootfsPlan {
     /// The overlay mount point (host path, seen only in the helper's private mount namespace).
     pub merged: PathBuf,
     pub binds: Vec<BindMount>,
+    /// The lowers hold canonical ids (a stored image's layers, shared by every sandbox): the
+    /// helper mounts each one id-mapped through a user namespace with the sandbox's maps, so
+    /// host uid/gid N shows as sandbox uid/gid N, and builds the overlay over those mounts.
+    #[serde(default)]
+    pub idmap_lowers: bool,
 }
 
 /// A read-only bind of a host path into the rootfs.

@@ -364,6 +364,116 @@ pub fn move_mount_onto(
     nix::errno::Errno::result(ret).map(drop)
 }
 
+// ---- the new mount API (overlay over id-mapped image layers) ----
+
+/// `fsconfig(2)` commands (linux/mount.h).
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_SET_FD: libc::c_uint = 5;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+
+/// `fsopen(2)`: a new, close-on-exec filesystem context for `fstype` (`"overlay"`), to be
+/// configured with [`fsconfig_set_string`]/[`fsconfig_set_fd`] and created with
+/// [`fsconfig_create`]. Reading it (`read(2)`) yields the filesystem's error messages.
+pub fn fsopen(fstype: &str) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    let fstype = std::ffi::CString::new(fstype).map_err(|_| nix::Error::EINVAL)?;
+    // SAFETY: a NUL-terminated string the kernel only reads and integer flags; on success the
+    // kernel returns a new descriptor that we own.
+    let ret = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
+    let fd = nix::errno::Errno::result(ret)?;
+    // SAFETY: `fd` was just created for us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `fsconfig(FSCONFIG_SET_STRING)`: set option `key` to `value` (the kernel takes values of
+/// at most 255 bytes; longer ones fail with EINVAL).
+pub fn fsconfig_set_string(
+    fs: std::os::fd::BorrowedFd<'_>,
+    key: &str,
+    value: &std::ffi::OsStr,
+) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let key = std::ffi::CString::new(key).map_err(|_| nix::Error::EINVAL)?;
+    let value = std::ffi::CString::new(value.as_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    // SAFETY: a live fs-context descriptor, two NUL-terminated strings the kernel only reads,
+    // and aux 0 (unused for strings).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_STRING,
+            key.as_ptr(),
+            value.as_ptr(),
+            0,
+        )
+    };
+    nix::errno::Errno::result(ret).map(drop)
+}
+
+/// `fsconfig(FSCONFIG_SET_FD)`: set option `key` to the file or mount `fd` names (overlayfs
+/// takes its layers this way since Linux 6.13, detached mounts included since 6.15).
+pub fn fsconfig_set_fd(
+    fs: std::os::fd::BorrowedFd<'_>,
+    key: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let key = std::ffi::CString::new(key).map_err(|_| nix::Error::EINVAL)?;
+    // SAFETY: a live fs-context descriptor, a NUL-terminated key the kernel only reads, a NULL
+    // value (unused for FSCONFIG_SET_FD) and a live descriptor as aux.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_FD,
+            key.as_ptr(),
+            std::ptr::null::<libc::c_char>(),
+            fd.as_raw_fd(),
+        )
+    };
+    nix::errno::Errno::result(ret).map(drop)
+}
+
+/// `fsconfig(FSCONFIG_CMD_CREATE)`: create the superblock from the options set so far.
+pub fn fsconfig_create(fs: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a live fs-context descriptor; key and value are NULL and aux 0, as the command
+    // requires.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    nix::errno::Errno::result(ret).map(drop)
+}
+
+/// `fsmount(2)`: a detached, close-on-exec mount of the created filesystem context, with the
+/// `MOUNT_ATTR_*` flags in `attrs`; attach it with [`move_mount_onto`].
+pub fn fsmount(fs: std::os::fd::BorrowedFd<'_>, attrs: u64) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: a live fs-context descriptor and integer flags; on success the kernel returns a
+    // new descriptor that we own.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            attrs as libc::c_uint,
+        )
+    };
+    let fd = nix::errno::Errno::result(ret)?;
+    // SAFETY: `fd` was just created for us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 // ---- host-side access into a sandbox (fs, probes) ----
 
 /// `openat(2)` of `name` in `dir`, close-on-exec, returning an owned descriptor. `mode` matters
