@@ -692,7 +692,10 @@ impl Daemon {
     }
 
     /// Validate a create request and start the sandbox (asynchronously).
-    pub(crate) fn create(self: &Arc<Self>, mut req: CreateSandbox) -> Result<String, ApiError> {
+    pub(crate) fn create(
+        self: &Arc<Self>,
+        mut req: CreateSandbox,
+    ) -> Result<api::SandboxInfo, ApiError> {
         let app = req.app.clone().unwrap_or_else(|| api::DEFAULT_APP.into());
         check_name("app", &app)?;
         if let Some(n) = &req.name {
@@ -907,6 +910,31 @@ impl Daemon {
             }
             return Err(e);
         }
+        // What the store now holds, without reading it back.
+        let event = |seq, kind| Event {
+            seq,
+            kind,
+            at: created_at,
+            reason: None,
+            returncode: None,
+            message: None,
+        };
+        let info = api::SandboxInfo {
+            id: id.clone(),
+            app: app.clone(),
+            name: req.name.clone(),
+            tags: req.tags.clone(),
+            status: SandboxStatus::Pending,
+            created_at,
+            started_at: None,
+            ready_at: None,
+            finished_at: None,
+            returncode: None,
+            end_reason: None,
+            error: None,
+            config: shown,
+            events: vec![event(1, EventKind::Created), event(2, EventKind::Scheduled)],
+        };
         let live = Arc::new(Live {
             id: id.clone(),
             volumes: req.volumes.iter().map(|v| v.name.clone()).collect(),
@@ -943,7 +971,7 @@ impl Daemon {
                 .await;
             d.supervisors.send_modify(|n| *n -= 1);
         });
-        Ok(id)
+        Ok(info)
     }
 
     fn event(
@@ -1020,7 +1048,12 @@ impl Daemon {
         let workdir = live.config.workdir.clone();
         // The workdir is made (as sandbox root, mkdir -p) before the entrypoint starts in it, as
         // Docker and runc do for a missing working directory.
-        let spawned = tokio::task::spawn_blocking(move || {
+        // A warm sandbox with nothing to change needs no blocking work at all.
+        let trivial =
+            spec.limits == runtime::Limits::default() && workdir.is_none() && entry_spec.is_none();
+        let spawned = match warm {
+            Some(sb) if trivial => Ok(Ok(sb)),
+            warm => tokio::task::spawn_blocking(move || {
             let sb = match warm {
                 // Started ahead of time with default limits: this create's go into its cgroup.
                 Some(sb) => {
@@ -1044,7 +1077,8 @@ impl Daemon {
             }
             Ok::<_, runtime::RuntimeError>(sb)
         })
-        .await;
+        .await,
+        };
         let sb = match spawned {
             Ok(Ok(sb)) => Arc::new(sb),
             Ok(Err(e)) => {
@@ -1112,10 +1146,12 @@ impl Daemon {
         }
         *lock(&live.sandbox) = Some(sb.clone());
         self.create_latency.observe(t0.elapsed());
-        self.event(&live, EventKind::Started, None, None, None);
         live.touch();
+        // Running first (a waiting exec goes ahead), then the record; readers of the store
+        // see the live status meanwhile (see `Daemon::info`).
         live.state
             .send_modify(|s| s.status = SandboxStatus::Running);
+        self.event(&live, EventKind::Started, None, None, None);
         tracing::info!(sandbox = %live.id, ms = t0.elapsed().as_secs_f64() * 1e3, "started");
 
         if let Some(p) = live.config.readiness_probe.clone() {
@@ -1320,6 +1356,21 @@ impl Daemon {
     }
 
     /// Wait (up to `timeout`) for a pending sandbox to start; the live handle if it runs.
+    /// A sandbox's record, with the live status when the store has not caught up yet (a
+    /// sandbox is marked running before its Started event is written).
+    pub(crate) fn info(&self, id: &str) -> Result<api::SandboxInfo, ApiError> {
+        let mut info = self.store.sandbox(id)?;
+        if info.status == SandboxStatus::Pending {
+            if let Some(l) = self.live(id) {
+                let st = l.state.borrow().status;
+                if st == SandboxStatus::Running {
+                    info.status = st;
+                }
+            }
+        }
+        Ok(info)
+    }
+
     pub(crate) async fn running(&self, id: &str, what: &str) -> Result<Arc<Live>, ApiError> {
         let Some(live) = self.live(id) else {
             self.store.sandbox(id)?;

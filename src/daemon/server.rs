@@ -305,8 +305,7 @@ async fn metrics(State(d): D) -> Response {
 
 async fn create(State(d): D, body: Bytes) -> R<Response> {
     let req: api::CreateSandbox = parse("create", &body)?;
-    let id = d.create(req)?;
-    let info = d.store.sandbox(&id)?;
+    let info = d.create(req)?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -325,7 +324,7 @@ async fn list(State(d): D, RawQuery(q): RawQuery) -> R<Json<Vec<api::SandboxSumm
 
 async fn info(State(d): D, Path(id): Path<String>) -> R<Json<api::SandboxInfo>> {
     check_id(&id)?;
-    Ok(Json(d.store.sandbox(&id)?))
+    Ok(Json(d.info(&id)?))
 }
 
 async fn from_name(
@@ -337,7 +336,7 @@ async fn from_name(
     let id = d
         .store
         .by_name(&app, &name, q.bool("include_terminated", false)?)?;
-    Ok(Json(d.store.sandbox(&id)?))
+    Ok(Json(d.info(&id)?))
 }
 
 async fn delete(State(d): D, Path(id): Path<String>) -> R<StatusCode> {
