@@ -250,7 +250,9 @@ pub enum SecretSource {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// `host` (default) or `dir:/abs/rootfs`.
+    /// `host` (default), `dir:/abs/rootfs`, `im-<24 hex>` (sbxd's store), `oci:/abs/layout[:TAG]`,
+    /// `docker-archive:/abs/file.tar`, or a registry reference (`busybox`,
+    /// `127.0.0.1:5000/test/busybox:1`, `repo@sha256:…`).
     pub image: Option<String>,
     /// The entrypoint argv; empty: the sandbox stays up until its timeout or terminate.
     pub entrypoint: Vec<String>,

@@ -170,8 +170,12 @@ async fn wait_exit(
             let r = if there {
                 pr.write().unwrap_or_else(|x| x.into_inner()).wait().ok()
             } else {
-                // The reactor failed us (it should not): wait off the worker.
+                // The reactor failed us (it should not): wait off the worker. The descriptor is
+                // non-blocking now, so block in poll first (a bare read would see EAGAIN).
                 tokio::task::spawn_blocking(move || {
+                    pr.read()
+                        .unwrap_or_else(|x| x.into_inner())
+                        .exit_ready(None);
                     pr.write().unwrap_or_else(|x| x.into_inner()).wait().ok()
                 })
                 .await
@@ -271,6 +275,9 @@ pub struct Daemon {
     pub(crate) cgroup_version: String,
     /// Supervisor tasks still running (shutdown waits for them to tear their sandboxes down).
     supervisors: tokio::sync::watch::Sender<usize>,
+    /// One gate per image reference being imported or pulled: creates of the same reference
+    /// wait for the first one's fetch instead of downloading again.
+    resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 type StoreJob = Box<dyn FnOnce(&Store) + Send>;
@@ -307,6 +314,9 @@ pub(crate) struct Live {
     pub config: CreateSandbox,
     /// The env every process gets (secrets, then env), resolved at create.
     env: BTreeMap<String, String>,
+    /// The defaults of a stored image (its Env and WorkingDir): known at create for `im-…`,
+    /// once the image is fetched for references to import or pull; never for host and dir.
+    image: std::sync::OnceLock<ImageDefaults>,
     pub volumes: Vec<String>,
     pub state: watch::Sender<LiveState>,
     /// The first reason asked for ends it (terminate, timeout, idle).
@@ -329,6 +339,22 @@ impl Live {
 
     pub(crate) fn sandbox(&self) -> Option<Arc<runtime::Sandbox>> {
         lock(&self.sandbox).clone()
+    }
+
+    /// The env of every process before its own: the image's Env, under the create's secrets
+    /// and env (which win on conflicts).
+    fn base_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.image.get().map(|i| i.env.clone()).unwrap_or_default();
+        env.extend(self.env.clone());
+        env
+    }
+
+    /// The create's workdir, else the image's WorkingDir.
+    fn workdir(&self) -> Option<String> {
+        self.config
+            .workdir
+            .clone()
+            .or_else(|| self.image.get().and_then(|i| i.workdir.clone()))
     }
 
     fn request_end(&self, reason: EndReason) {
@@ -460,6 +486,222 @@ fn check_workdir(field: &str, w: &Option<String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What a stored image gives every process of its sandboxes by default.
+#[derive(Debug, Clone, Default)]
+struct ImageDefaults {
+    /// The image's Env (`KEY=VALUE` entries; malformed ones are left out).
+    env: BTreeMap<String, String>,
+    /// The image's WorkingDir, when absolute.
+    workdir: Option<String>,
+}
+
+impl ImageDefaults {
+    fn of(c: &rootfs_fetch::store::ImageConfig) -> ImageDefaults {
+        let env = c
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, v)| api::valid_env_key(k) && !v.contains('\0'))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let workdir = c
+            .working_dir
+            .clone()
+            .filter(|w| w.starts_with('/') && !w.contains('\0'));
+        ImageDefaults { env, workdir }
+    }
+}
+
+/// An image reference to bring into the content store before the sandbox starts.
+#[derive(Debug, Clone)]
+struct FetchImage {
+    /// The reference as the create gave it (the key that serializes fetches, and the name
+    /// in messages).
+    text: String,
+    source: FetchSource,
+}
+
+#[derive(Debug, Clone)]
+enum FetchSource {
+    Oci { path: PathBuf, tag: Option<String> },
+    DockerArchive(PathBuf),
+    Registry(rootfs_fetch::reference::RegistryRef),
+}
+
+/// What a create's `image` names.
+enum ImageChoice {
+    /// Startable as it is (host, dir:, an image in the store with its defaults).
+    Ready(runtime::ImageRef, Option<ImageDefaults>),
+    /// To import or pull first (in the supervisor, after create has answered).
+    Fetch(FetchImage),
+}
+
+/// Run blocking store work on tokio's blocking pool.
+async fn off_thread<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| format!("the image store task panicked: {e}"))?
+}
+
+/// Pull progress in the daemon log, a line per layer.
+struct PullLog {
+    sandbox: String,
+    image: String,
+}
+
+impl rootfs_fetch::registry::Progress for PullLog {
+    fn layer_resumed(&self, digest: &rootfs_fetch::store::Digest, offset: u64) {
+        tracing::info!(sandbox = %self.sandbox, image = %self.image, layer = %digest, offset, "resuming layer download");
+    }
+
+    fn layer_done(&self, digest: &rootfs_fetch::store::Digest, skipped: bool) {
+        if skipped {
+            tracing::info!(sandbox = %self.sandbox, image = %self.image, layer = %digest, "layer already in the store");
+        } else {
+            tracing::info!(sandbox = %self.sandbox, image = %self.image, layer = %digest, "layer downloaded");
+        }
+    }
+}
+
+impl Daemon {
+    /// Parse a create's `image`: `host` (default), `dir:PATH` and `im-…` as the runtime takes
+    /// them (an `im-…` must be in the store), `oci:PATH[:TAG]`, `docker-archive:PATH` and
+    /// registry references to fetch first.
+    fn choose_image(&self, image: Option<&str>) -> Result<ImageChoice, ApiError> {
+        use rootfs_fetch::reference::Reference;
+        let text = image.unwrap_or("host");
+        let invalid = |why: &str| ApiError::invalid("image", format!("{text:?}"), why);
+        let stored = |id: rootfs_fetch::store::ImageId| {
+            let store = rootfs_fetch::image_store(&self.cfg.state_dir)
+                .map_err(|e| internal(format!("open the image store: {e}")))?;
+            match store.load_image(&id) {
+                Ok(rec) => Ok(ImageChoice::Ready(
+                    runtime::ImageRef::Stored(id),
+                    Some(ImageDefaults::of(&rec.config)),
+                )),
+                Err(rootfs_fetch::store::StoreError::ImageMissing { .. }) => Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("image {id} is not in the store (pull, import or build it first)"),
+                )),
+                Err(e) => Err(internal(format!("read image {id} from the store: {e}"))),
+            }
+        };
+        match text.parse::<runtime::ImageRef>() {
+            Ok(runtime::ImageRef::Stored(id)) => return stored(id),
+            Ok(r) => return Ok(ImageChoice::Ready(r, None)),
+            // host and dir: keep the runtime's own rules and messages.
+            Err(e) if text == "host" || text.starts_with("dir:") => {
+                return Err(invalid(&e.to_string()))
+            }
+            Err(_) => {}
+        }
+        let source = match Reference::parse(text) {
+            Err(e) => return Err(invalid(&e.reason)),
+            Ok(Reference::Built(id)) => return stored(id),
+            Ok(Reference::Host) => return Ok(ImageChoice::Ready(runtime::ImageRef::Host, None)),
+            Ok(Reference::Dir(p)) => {
+                return Ok(ImageChoice::Ready(runtime::ImageRef::Dir(p), None))
+            }
+            Ok(Reference::OciLayout { path, tag }) => FetchSource::Oci { path, tag },
+            Ok(Reference::DockerArchive { path }) => FetchSource::DockerArchive(path),
+            Ok(Reference::Registry(r)) => FetchSource::Registry(r),
+        };
+        Ok(ImageChoice::Fetch(FetchImage {
+            text: text.to_string(),
+            source,
+        }))
+    }
+
+    /// Bring an image into the store, one fetch per reference at a time: a create that finds
+    /// the same reference being fetched waits for it, then finds the image in the store.
+    async fn resolve_image(
+        &self,
+        sandbox: &str,
+        f: &FetchImage,
+    ) -> Result<rootfs_fetch::store::ImageRecord, String> {
+        let gate = lock(&self.resolving)
+            .entry(f.text.clone())
+            .or_default()
+            .clone();
+        let held = gate.lock().await;
+        let r = self.fetch_image(sandbox, f).await;
+        drop(held);
+        let mut m = lock(&self.resolving);
+        // Nobody else holds or waits on the gate (the map and we are its only holders).
+        if Arc::strong_count(&gate) == 2 {
+            m.remove(&f.text);
+        }
+        r
+    }
+
+    async fn fetch_image(
+        &self,
+        sandbox: &str,
+        f: &FetchImage,
+    ) -> Result<rootfs_fetch::store::ImageRecord, String> {
+        let state_dir = self.cfg.state_dir.clone();
+        let store = rootfs_fetch::image_store(&state_dir)
+            .map_err(|e| format!("open the image store: {e}"))?;
+        match &f.source {
+            FetchSource::Oci { path, tag } => {
+                let (path, tag) = (path.clone(), tag.clone());
+                tracing::info!(sandbox = %sandbox, image = %f.text, "importing the OCI layout");
+                off_thread(move || {
+                    rootfs_fetch::oci::import_oci_layout(&store, &path, tag.as_deref())
+                        .map_err(|e| format!("import failed: {e}"))
+                })
+                .await
+            }
+            FetchSource::DockerArchive(path) => {
+                let path = path.clone();
+                tracing::info!(sandbox = %sandbox, image = %f.text, "importing the docker archive");
+                off_thread(move || {
+                    rootfs_fetch::oci::import_docker_archive(&store, &path)
+                        .map_err(|e| format!("import failed: {e}"))
+                })
+                .await
+            }
+            FetchSource::Registry(r) => {
+                // Pulled before (by this create's twin or an earlier one): used as it is, as
+                // `docker run` does with an image it has.
+                let name = r.to_string();
+                let s = store.clone();
+                let have = off_thread(move || {
+                    Ok(match s.resolve_tag(&name) {
+                        Ok(Some(id)) => s.load_image(&id).ok(),
+                        _ => None,
+                    })
+                })
+                .await?;
+                if let Some(rec) = have {
+                    tracing::info!(sandbox = %sandbox, image = %f.text, image_id = %rec.id, "image already in the store, not pulling");
+                    return Ok(rec);
+                }
+                tracing::info!(sandbox = %sandbox, image = %f.text, "pulling");
+                let opts = rootfs_fetch::registry::PullOptions::for_state_dir(&state_dir);
+                let progress = Arc::new(PullLog {
+                    sandbox: sandbox.to_string(),
+                    image: f.text.clone(),
+                });
+                let report = rootfs_fetch::registry::pull(&store, r, &opts, progress)
+                    .await
+                    .map_err(|e| format!("pull failed: {e}"))?;
+                tracing::info!(
+                    sandbox = %sandbox,
+                    image = %f.text,
+                    image_id = %report.record.id,
+                    downloaded = report.downloaded.len(),
+                    skipped = report.skipped.len(),
+                    "pulled"
+                );
+                Ok(report.record)
+            }
+        }
+    }
+}
+
 impl Daemon {
     /// Open the store, sweep what a previous sbxd left, and get ready to serve.
     pub fn open(cfg: DaemonConfig) -> Result<Arc<Daemon>, String> {
@@ -500,6 +742,7 @@ impl Daemon {
             exec_latency: Histogram::new(),
             cgroup_version,
             supervisors: tokio::sync::watch::Sender::new(0),
+            resolving: Mutex::new(HashMap::new()),
         });
         d.sweep();
         Ok(d)
@@ -708,18 +951,7 @@ impl Daemon {
                 ));
             }
         }
-        let image: runtime::ImageRef = req
-            .image
-            .clone()
-            .unwrap_or_else(|| "host".into())
-            .parse()
-            .map_err(|e| {
-            ApiError::invalid(
-                "image",
-                format!("{:?}", req.image.clone().unwrap_or_default()),
-                &format!("{e}"),
-            )
-        })?;
+        let image = self.choose_image(req.image.as_deref())?;
         check_argv("entrypoint", &req.entrypoint, false)?;
         let timeout = req.timeout_secs.unwrap_or(api::DEFAULT_TIMEOUT_SECS);
         if timeout == 0 || timeout > api::MAX_TIMEOUT_SECS {
@@ -873,6 +1105,12 @@ impl Daemon {
                 }
             })
             .collect();
+        // A reference still to import or pull starts from what supervise resolves it to; until
+        // then the spec holds no image of its own and is never a warm shape.
+        let (image, image_defaults, fetch) = match image {
+            ImageChoice::Ready(r, d) => (r, d, None),
+            ImageChoice::Fetch(f) => (runtime::ImageRef::Host, None, Some(f)),
+        };
         let mut spec = runtime::SandboxSpec {
             id: None,
             image,
@@ -888,7 +1126,10 @@ impl Daemon {
             mounts,
         };
         // A warm sandbox of this shape, if one is ready: its id becomes the sandbox's.
-        let warm = warm::Shape::of(&spec).and_then(|s| self.warm.take(&s, new_sandbox_id));
+        let warm = match fetch {
+            None => warm::Shape::of(&spec).and_then(|s| self.warm.take(&s, new_sandbox_id)),
+            Some(_) => None,
+        };
         let id = match &warm {
             Some(w) => w.id.clone(),
             None => new_sandbox_id(),
@@ -940,6 +1181,10 @@ impl Daemon {
             volumes: req.volumes.iter().map(|v| v.name.clone()).collect(),
             config: req,
             env,
+            image: match image_defaults {
+                Some(d) => std::sync::OnceLock::from(d),
+                None => std::sync::OnceLock::new(),
+            },
             state: watch::Sender::new(LiveState {
                 status: SandboxStatus::Pending,
                 ready_at: None,
@@ -967,7 +1212,7 @@ impl Daemon {
         self.supervisors.send_modify(|n| *n += 1);
         tokio::spawn(async move {
             d.clone()
-                .supervise(live, spec, warm.map(|w| w.sandbox), t0)
+                .supervise(live, spec, fetch, warm.map(|w| w.sandbox), t0)
                 .await;
             d.supervisors.send_modify(|n| *n -= 1);
         });
@@ -1001,7 +1246,7 @@ impl Daemon {
     }
 
     fn process_env(&self, live: &Live, extra: &BTreeMap<String, String>) -> Vec<(String, String)> {
-        let mut env = live.env.clone();
+        let mut env = live.base_env();
         env.extend(extra.clone());
         env.into_iter().collect()
     }
@@ -1009,12 +1254,48 @@ impl Daemon {
     async fn supervise(
         self: Arc<Self>,
         live: Arc<Live>,
-        spec: runtime::SandboxSpec,
+        mut spec: runtime::SandboxSpec,
+        fetch: Option<FetchImage>,
         warm: Option<runtime::Sandbox>,
         t0: Instant,
     ) {
         // Subscribed before the start, so a terminate while pending is seen after it.
         let mut end_rx = live.end_req.subscribe();
+        // An image to import or pull first; a terminate meanwhile ends the wait (a pull left
+        // behind goes on from its partial blobs next time).
+        if let Some(f) = fetch {
+            let resolved = tokio::select! {
+                r = self.resolve_image(&live.id, &f) => Some(r),
+                _ = end_rx.wait_for(|r| r.is_some()) => None,
+            };
+            let Some(resolved) = resolved else {
+                let reason = (*end_rx.borrow()).unwrap_or(EndReason::Terminated);
+                let rc = match reason {
+                    EndReason::Timeout => 124,
+                    EndReason::IdleTimeout => 0,
+                    _ => 137,
+                };
+                self.finish(&live, reason, rc, None).await;
+                return;
+            };
+            match resolved {
+                Ok(rec) => {
+                    tracing::info!(sandbox = %live.id, image = %f.text, image_id = %rec.id, "image resolved");
+                    let _ = live.image.set(ImageDefaults::of(&rec.config));
+                    spec.image = runtime::ImageRef::Stored(rec.id);
+                }
+                Err(e) => {
+                    self.finish(
+                        &live,
+                        EndReason::Error,
+                        1,
+                        Some(format!("image {}: {e}", f.text)),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
         let out_dir = self.output_dir(&live.id);
         if let Err(e) = std::fs::create_dir_all(&out_dir) {
             self.finish(
@@ -1031,7 +1312,7 @@ impl Daemon {
             entry_spec = Some(ExecSpec {
                 argv: live.config.entrypoint.clone(),
                 env: self.process_env(&live, &BTreeMap::new()),
-                cwd: live.config.workdir.clone(),
+                cwd: live.workdir(),
                 stdin: if live.config.stdin {
                     Stdio::Pipe
                 } else {
@@ -1045,7 +1326,7 @@ impl Daemon {
             });
         }
         let rt = self.rt.clone();
-        let workdir = live.config.workdir.clone();
+        let workdir = live.workdir();
         // The workdir is made (as sandbox root, mkdir -p) before the entrypoint starts in it, as
         // Docker and runc do for a missing working directory.
         // A warm sandbox with nothing to change needs no blocking work at all.
@@ -1321,7 +1602,7 @@ impl Daemon {
                 .unwrap_or(false)
             } else if let Some(argv) = p.exec_argv.clone() {
                 let env = self.process_env(&live, &BTreeMap::new());
-                let cwd = live.config.workdir.clone();
+                let cwd = live.workdir();
                 waiter_thread("sbx-probe", move || {
                     let spec = ExecSpec {
                         argv,
@@ -1585,7 +1866,7 @@ impl Daemon {
                 req.term.clone().unwrap_or_else(|| "xterm-256color".into()),
             );
         }
-        let mut all_env = live.env.clone();
+        let mut all_env = live.base_env();
         all_env.extend(extra.clone());
         check_process_size(&req.argv, &all_env)?;
         let env = self.process_env(&live, &extra);
@@ -1593,7 +1874,7 @@ impl Daemon {
         let spec = ExecSpec {
             argv: req.argv.clone(),
             env,
-            cwd: req.workdir.clone().or_else(|| live.config.workdir.clone()),
+            cwd: req.workdir.clone().or_else(|| live.workdir()),
             stdin: if want_stdin { Stdio::Pipe } else { Stdio::Null },
             stdout: match req.stdout {
                 StreamMode::Devnull => Stdio::Null,
