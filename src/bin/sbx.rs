@@ -161,7 +161,9 @@ enum Cmd {
 /// Options shared by `run` and `create`.
 #[derive(Args)]
 struct CreateOpts {
-    /// Image: `host` (the host's /usr read-only, a minimal /etc; the default) or `dir:/abs/rootfs`.
+    /// Image: `host` (the host's /usr read-only, a minimal /etc; the default), `dir:/abs/rootfs`,
+    /// `oci:/abs/layout[:TAG]`, `docker-archive:/abs/file.tar`, `im-…`, or a registry reference
+    /// such as `127.0.0.1:5000/team/app:1` or `python:3.13-slim` (pulled once into sbxd's store).
     #[arg(long, value_name = "REF")]
     image: Option<String>,
     /// App the sandbox belongs to (names are unique per app) [default: default].
