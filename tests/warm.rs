@@ -144,6 +144,14 @@ async fn a_warm_sandbox_is_fresh_and_gets_the_limits_asked_for() {
     let n: u32 = out.trim().parse().expect("a count");
     assert!((40..77).contains(&n), "{n} forks under pids.max 77");
 
+    // Normal priority, although it was prepared ahead of time at background priority.
+    let p = b
+        .exec(["python3", "-c", "import os; print(os.nice(0))"])
+        .await
+        .expect("exec python3");
+    assert_eq!(p.stdout().read_text().await.expect("read"), "0\n");
+    assert_eq!(p.wait().await.expect("wait"), 0);
+
     // Its lifecycle reads like a cold start.
     let info = b.info().await.expect("info");
     let kinds: Vec<EventKind> = info.events.iter().map(|e| e.kind).collect();

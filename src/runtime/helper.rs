@@ -164,6 +164,11 @@ fn prepare_namespaces() -> Result<(), HelperError> {
 fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
     let (cfg, _): (HelperConfig, _) =
         proto::expect(control.as_raw_fd(), "helper config").map_err(HelperError::Config)?;
+    // A pre-forked helper waited at background priority; the sandbox it now builds (and every
+    // process in it) runs at normal priority.
+    // (Needs CAP_SYS_NICE, which host root has; without it the sandbox stays niced rather
+    // than failing.)
+    let _ = super::sys::set_thread_nice(0);
 
     // A private mount namespace for the helper: the overlay and binds exist only here and in the
     // sandbox, so they vanish with the last process even if everything is SIGKILLed.

@@ -39,6 +39,8 @@ fn queue() -> &'static Queue {
 }
 
 fn work() {
+    // Teardown is nobody's wait: it yields the CPU to sandboxes starting and running.
+    let _ = super::sys::set_thread_nice(super::BACKGROUND_NICE);
     let q = queue();
     loop {
         let job = {

@@ -20,6 +20,9 @@ pub mod seccomp;
 pub mod sys;
 
 pub use cgroups::Limits;
+
+/// Nice value of work done ahead of time or after the fact (pre-forking helpers, teardown).
+const BACKGROUND_NICE: i32 = 10;
 pub use fs::{FileStat, FileType, FsError, FsErrorKind, SandboxFs};
 pub use proto::VolumeMount as BindMount;
 pub use proto::WaitStatus;

@@ -108,6 +108,9 @@ pub fn take(init_binary: &Path, log: &Path, warm: usize) -> std::io::Result<Help
 }
 
 fn refill(pool: &Pool, init_binary: &Path, log: &Path) {
+    // Pre-forking (exec, dynamic loader, namespaces) is work ahead of time: it runs, and the
+    // helpers start, at low priority; a helper takes normal priority when its config arrives.
+    let _ = super::sys::set_thread_nice(super::BACKGROUND_NICE);
     loop {
         {
             let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());

@@ -164,6 +164,15 @@ pub fn ignore_sigpipe() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
 }
 
+/// Set the calling thread's nice value (Linux keeps it per thread; threads and processes it
+/// forks from now on inherit it). Lowering it below the current value needs CAP_SYS_NICE.
+pub fn set_thread_nice(value: i32) -> nix::Result<()> {
+    // SAFETY: setpriority takes plain integers; who = 0 with PRIO_PROCESS names the calling
+    // thread on Linux.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) };
+    nix::errno::Errno::result(r).map(drop)
+}
+
 /// `setresuid`/`setresgid` as raw syscalls: per-thread, which is what we want in a
 /// single-threaded process (glibc's wrappers broadcast to all threads with signals).
 pub fn set_ids(uid: u32, gid: u32) -> nix::Result<()> {
