@@ -13,17 +13,17 @@
 //! serialize on a flock of `.lock-<hex>` and re-check after taking it, so a layer is unpacked
 //! once; a temporary directory left by a crash is removed by the next holder of the lock.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::apply::{self, ApplyError, ApplyOptions, Compression, WhiteoutMode};
-use crate::store::{Digest, ImageId, ImageRecord, LayerRef, Store, StoreError};
+use crate::store::{
+    unique_suffix, Digest, FileLock, ImageId, ImageRecord, LayerRef, Store, StoreError,
+};
 
 /// Most layers an image may have: overlayfs stacks at most 500 lower layers.
 pub const MAX_LAYERS: usize = 500;
@@ -164,7 +164,9 @@ fn unpack_layer(
     if is_real_dir(&dest) {
         return Ok(dest);
     }
-    let _lock = LayerLock::acquire(layers_dir.join(format!(".lock-{hex}")))?;
+    let lock_path = layers_dir.join(format!(".lock-{hex}"));
+    let _lock =
+        FileLock::acquire(lock_path.clone()).map_err(io_err("lock the layer", &lock_path))?;
     if is_real_dir(&dest) {
         return Ok(dest); // another unpacker finished while we waited
     }
@@ -290,62 +292,6 @@ fn remove_stale_tmp(layers_dir: &Path, hex: &str) -> Result<(), LayerError> {
         }
     }
     Ok(())
-}
-
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
-fn unique_suffix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}-{}-{nanos}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The one unpacker of a layer: an exclusive flock on `.lock-<hex>`. The holder removes the
-/// file before letting go; a waiter that wakes holding a removed file locks the new one, so two
-/// holders never coexist and no lock files pile up.
-struct LayerLock {
-    path: PathBuf,
-    _file: File,
-}
-
-impl LayerLock {
-    fn acquire(path: PathBuf) -> Result<LayerLock, LayerError> {
-        loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_err("open the layer lock", &path))?;
-            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-                .map_err(|e| io_err("lock", &path)(e.into()))?;
-            let held = file
-                .metadata()
-                .map_err(io_err("stat the layer lock", &path))?;
-            match fs::metadata(&path) {
-                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                    return Ok(LayerLock { path, _file: file })
-                }
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("stat the layer lock", &path)(e)),
-            }
-        }
-    }
-}
-
-impl Drop for LayerLock {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
-    }
 }
 
 #[cfg(test)]

@@ -316,7 +316,7 @@ pub struct Store {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -369,16 +369,16 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
     fsync_dir(dir)
 }
 
-/// An exclusive lock on one blob's writing, held as a flock on `<hex>.lock`. The holder removes
-/// the lock file before letting go; a waiter that wakes on a removed file tries again, so two
-/// holders never coexist.
-struct BlobLock {
+/// An exclusive lock held as a flock on a lock file (one blob's writing, one layer's
+/// unpacking). The holder removes the lock file before letting go; a waiter that wakes on a
+/// removed file tries again, so two holders never coexist and no lock files pile up.
+pub(crate) struct FileLock {
     path: PathBuf,
     _file: File,
 }
 
-impl BlobLock {
-    fn acquire(path: PathBuf) -> Result<BlobLock, StoreError> {
+impl FileLock {
+    pub(crate) fn acquire(path: PathBuf) -> io::Result<FileLock> {
         loop {
             let file = OpenOptions::new()
                 .read(true)
@@ -386,25 +386,23 @@ impl BlobLock {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
-                .open(&path)
-                .map_err(io_err("open lock file", &path))?;
-            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-                .map_err(|e| io_err("lock", &path)(e.into()))?;
-            let held = file.metadata().map_err(io_err("stat lock file", &path))?;
+                .open(&path)?;
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+            let held = file.metadata()?;
             match fs::metadata(&path) {
                 Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                    return Ok(BlobLock { path, _file: file })
+                    return Ok(FileLock { path, _file: file })
                 }
                 // The previous holder removed the file after we opened it: lock the new one.
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("stat lock file", &path)(e)),
+                Err(e) => return Err(e),
             }
         }
     }
 }
 
-impl Drop for BlobLock {
+impl Drop for FileLock {
     fn drop(&mut self) {
         // Removed while still held (the file closes after this), see `acquire`.
         let _ = fs::remove_file(&self.path);
@@ -422,7 +420,7 @@ pub struct BlobWriter {
     file: File,
     hasher: Sha256,
     written: u64,
-    _lock: BlobLock,
+    _lock: FileLock,
 }
 
 impl BlobWriter {
@@ -642,7 +640,8 @@ impl Store {
             return Ok(None);
         }
         let partial = self.partial_path(expected);
-        let lock = BlobLock::acquire(self.partial_dir().join(format!("{}.lock", expected.hex())))?;
+        let lock_path = self.partial_dir().join(format!("{}.lock", expected.hex()));
+        let lock = FileLock::acquire(lock_path.clone()).map_err(io_err("lock", &lock_path))?;
         if self.has(expected) {
             return Ok(None);
         }
