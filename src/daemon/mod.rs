@@ -2175,10 +2175,10 @@ pub fn main_from_args(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
     if let Some(s) = std::env::var_os("SBX_RUN_DIR") {
         cfg.run_dir = s.into();
     }
-    match std::env::var("SBX_WARM").map(|v| v.parse::<usize>()) {
-        Ok(Ok(n)) if n <= 64 => cfg.warm = n,
-        Ok(_) => {
-            eprintln!("sbxd: SBX_WARM takes a number of sandboxes from 0 to 64");
+    match std::env::var("SBX_WARM").map(|v| (v.parse::<usize>(), v)) {
+        Ok((Ok(n), _)) if n <= 64 => cfg.warm = n,
+        Ok((_, v)) => {
+            eprintln!("sbxd: SBX_WARM={v:?}: must be a number of sandboxes from 0 to 64");
             return std::process::ExitCode::from(2);
         }
         Err(_) => {}
@@ -2199,10 +2199,13 @@ pub fn main_from_args(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
             "--socket" => cfg.socket = value().unwrap_or_default().into(),
             "--state-dir" => cfg.state_dir = value().unwrap_or_default().into(),
             "--run-dir" => cfg.run_dir = value().unwrap_or_default().into(),
-            "--warm" => match value().and_then(|v| v.parse::<usize>().ok()) {
-                Some(n) if n <= 64 => cfg.warm = n,
-                _ => {
-                    eprintln!("sbxd: --warm takes a number of sandboxes from 0 to 64");
+            "--warm" => match value().map(|v| (v.parse::<usize>(), v)) {
+                Some((Ok(n), _)) if n <= 64 => cfg.warm = n,
+                other => {
+                    eprintln!(
+                        "sbxd: --warm {:?}: must be a number of sandboxes from 0 to 64",
+                        other.map(|(_, v)| v).unwrap_or_default()
+                    );
                     return std::process::ExitCode::from(2);
                 }
             },
