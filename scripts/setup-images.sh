@@ -10,6 +10,7 @@ packages=(
   umoci            # checks that exported OCI layouts unpack
   busybox-static   # the test image's only binary
   apache2-utils    # htpasswd -B: the bcrypt password file of the basic-auth registry test
+  debootstrap      # benches/images.rs makes its Debian image with it (once, cached)
 )
 missing=()
 for p in "${packages[@]}"; do

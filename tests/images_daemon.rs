@@ -8,185 +8,21 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/registry.rs"]
+mod registry;
 
 use daemon::TestDaemon;
+use registry::{free_port, skopeo, Registry, Tar, TempDir};
 use rootfs_fetch::oci::{self, host_platform};
 use rootfs_fetch::store::Digest;
 use sbx::client::{Client, CreateSandbox, EndReason, ErrorCode, Sandbox, SandboxStatus};
 use std::collections::BTreeMap;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 /// The file the test image carries, and its content.
 const FILE: &str = "/etc/sbx-test-file";
 const CONTENT: &str = "hello from the test image\n";
-
-/// A directory of this test process, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = PathBuf::from(format!("/tmp/sbx-it-images-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run_tool(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn skopeo(args: &[&str]) -> String {
-    run_tool(
-        Command::new("skopeo")
-            .arg("--insecure-policy")
-            .args(args)
-            .env("HOME", std::env::temp_dir()),
-    )
-}
-
-// ---- a registry on loopback ----
-
-/// Debian's docker-registry on a free port of 127.0.0.1 with its storage in a temp dir; killed
-/// (by pid) on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Registry {
-    fn start(name: &str) -> Registry {
-        let dir = TempDir::new(&format!("registry-{name}"));
-        for _ in 0..5 {
-            let port = free_port();
-            let config = dir.0.join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
-                     storage:\n  filesystem:\n    rootdirectory: {}\n\
-                     http:\n  addr: 127.0.0.1:{port}\n",
-                    dir.0.join("data").display()
-                ),
-            )
-            .expect("write the registry config");
-            let mut child = Command::new("/usr/bin/docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn docker-registry");
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Some(status) = child.try_wait().expect("poll docker-registry") {
-                    eprintln!("docker-registry exited ({status}); retrying on another port");
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Registry {
-                        child,
-                        port,
-                        _dir: dir,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("docker-registry did not start");
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port of 127.0.0.1 nobody listens on (bound, then let go).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free loopback port")
-        .port()
-}
-
-// ---- the test image: busybox-static, a file, Env and WorkingDir ----
-
-/// A small ustar writer (each byte of the layer is chosen here).
-#[derive(Default)]
-struct Tar(Vec<u8>);
-
-impl Tar {
-    fn entry(&mut self, path: &str, kind: u8, mode: u32, data: &[u8], link: &str) -> &mut Self {
-        assert!(path.len() < 100 && link.len() < 100, "{path}");
-        let mut h = [0u8; 512];
-        h[..path.len()].copy_from_slice(path.as_bytes());
-        let octal = |h: &mut [u8], at: usize, len: usize, v: u64| {
-            let s = format!("{v:0w$o}\0", w = len - 1);
-            h[at..at + len].copy_from_slice(s.as_bytes());
-        };
-        octal(&mut h, 100, 8, mode as u64);
-        octal(&mut h, 108, 8, 0);
-        octal(&mut h, 116, 8, 0);
-        octal(&mut h, 124, 12, data.len() as u64);
-        octal(&mut h, 136, 12, 1_700_000_000);
-        h[156] = kind;
-        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| b as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        self.0.extend_from_slice(&h);
-        self.0.extend_from_slice(data);
-        let pad = (512 - data.len() % 512) % 512;
-        self.0.extend(std::iter::repeat_n(0u8, pad));
-        self
-    }
-    fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
-        self.entry(path, b'5', mode, b"", "")
-    }
-    fn file(&mut self, path: &str, data: &[u8], mode: u32) -> &mut Self {
-        self.entry(path, b'0', mode, data, "")
-    }
-    fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
-        self.entry(path, b'2', 0o777, b"", target)
-    }
-    fn finish(&mut self) -> Vec<u8> {
-        let mut out = std::mem::take(&mut self.0);
-        out.extend_from_slice(&[0u8; 1024]);
-        out
-    }
-}
 
 fn image_layer() -> Vec<u8> {
     let bb = ["/bin/busybox", "/usr/bin/busybox"]

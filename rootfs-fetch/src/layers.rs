@@ -345,6 +345,7 @@ mod tests {
             os: "linux".into(),
             architecture: "amd64".into(),
             created_at: 0,
+            host_base: false,
         }
     }
 

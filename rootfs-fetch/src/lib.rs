@@ -4,6 +4,7 @@
 //! layers are unpacked once each and shared.
 
 pub mod apply;
+pub mod commit;
 pub mod layers;
 pub mod oci;
 pub mod reference;
@@ -101,11 +102,13 @@ pub struct HostBind {
 pub struct Resolved {
     /// Read-only lower layers, topmost first.
     pub lowers: Vec<PathBuf>,
-    /// Host directories bound read-only on top of the overlay.
+    /// Host directories bound read-only on top of the overlay (for `host` and stored images
+    /// layered on it).
     pub binds: Vec<HostBind>,
     /// The lowers hold canonical ids (uid 0 is the image's root) and must be mounted id-mapped
     /// through the sandbox's user namespace, so that host uid/gid N shows as N inside. True
-    /// for stored images; false for `host` and `dir:` (used as they are on the host).
+    /// for stored images (the host skeleton under a host-based one included); false for
+    /// `host` and `dir:` (used as they are on the host).
     pub idmap_lowers: bool,
     /// The run settings of a stored image (Env, Entrypoint, Cmd, WorkingDir, User,
     /// ExposedPorts) for the caller to apply; `None` for `host` and `dir:`.
@@ -168,10 +171,28 @@ pub fn resolve(image: &ImageRef, state_dir: &Path) -> Result<Resolved, ImageErro
                 store::StoreError::ImageMissing { .. } => ImageError::NotInStore { id: id.clone() },
                 e => store_err(e),
             })?;
-            let lowers = layers::unpack_image(&store, &record, &layers_dir(state_dir))?;
+            if !record.host_base {
+                let lowers = layers::unpack_image(&store, &record, &layers_dir(state_dir))?;
+                return Ok(Resolved {
+                    lowers,
+                    binds: vec![],
+                    idmap_lowers: true,
+                    config: Some(record.config),
+                });
+            }
+            // Layered on the host image: its layers over the host skeleton (all id-mapped: the
+            // skeleton's root-owned files are the sandbox root's, as the layers' are), and the
+            // host's program directories bound on top as for `host`.
+            let mut lowers = if record.layers.is_empty() {
+                Vec::new()
+            } else {
+                layers::unpack_image(&store, &record, &layers_dir(state_dir))?
+            };
+            let host = host_image(state_dir, Path::new("/"))?;
+            lowers.extend(host.lowers);
             Ok(Resolved {
                 lowers,
-                binds: vec![],
+                binds: host.binds,
                 idmap_lowers: true,
                 config: Some(record.config),
             })

@@ -226,6 +226,8 @@ pub enum OciError {
     Archive { path: PathBuf, reason: String },
     #[error("invalid OCI tag {tag:?} for export")]
     BadTag { tag: String },
+    #[error("image {image} is layered on the built-in host image (its /usr and libraries are this host's, not in the image) and cannot be exported")]
+    HostBase { image: ImageId },
 }
 
 fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> OciError {
@@ -489,6 +491,7 @@ pub fn build_record(
         os: parsed.os,
         architecture: parsed.architecture,
         created_at: now_secs(),
+        host_base: false,
     })
 }
 
@@ -1023,6 +1026,11 @@ pub fn export_oci_layout(
     dir: &Path,
     tag: &str,
 ) -> Result<Digest, OciError> {
+    if record.host_base {
+        return Err(OciError::HostBase {
+            image: record.id.clone(),
+        });
+    }
     crate::reference::validate_oci_ref_name(tag).map_err(|_| OciError::BadTag {
         tag: tag.to_string(),
     })?;

@@ -243,6 +243,11 @@ pub struct ImageRecord {
     pub architecture: String,
     /// When the record was written, seconds since the Unix epoch.
     pub created_at: u64,
+    /// The image is layered on the built-in `host` image (built or snapshotted from it): its
+    /// layers go over the host skeleton, and sandboxes also get the host's read-only binds
+    /// (/usr, …). Such an image cannot be exported.
+    #[serde(default)]
+    pub host_base: bool,
 }
 
 impl ImageRecord {
@@ -706,40 +711,39 @@ impl Store {
     /// Store a blob whose digest is not known in advance (docker-archive layers): it is hashed
     /// while written to a temp file and moved under the digest it has. Returns digest and size.
     pub fn put_computed(&self, mut reader: impl Read) -> Result<(Digest, u64), StoreError> {
-        let tmp = self.partial_dir().join(format!("tmp-{}", unique_suffix()));
-        let res = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut size = 0u64;
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(io_err("read the source of", &tmp)(e)),
-                };
-                hasher.update(&buf[..n]);
-                f.write_all(&buf[..n]).map_err(io_err("write", &tmp))?;
-                size += n as u64;
-            }
-            f.sync_all().map_err(io_err("fsync", &tmp))?;
-            let digest = Digest::from_hasher(hasher);
-            let dest = self.blob_path(&digest);
-            // Same content under the same name: a concurrent writer's rename is harmless.
-            fs::rename(&tmp, &dest).map_err(io_err("rename into place", &dest))?;
-            fsync_dir(&self.root.join("blobs/sha256"))?;
-            Ok((digest, size))
-        })();
-        if res.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let mut w = self.computed_writer()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("read the source of", &w.tmp)(e)),
+            };
+            w.write_all(&buf[..n])
+                .map_err(|e| io_err("write", &w.tmp)(e))?;
         }
-        res
+        w.finish()
+    }
+
+    /// A writer of a blob whose digest is not known in advance (layers sbx makes itself): the
+    /// bytes are hashed as they are written to a temp file, and [`ComputedBlob::finish`] moves
+    /// it under the digest it has. Dropped without `finish`, the temp file is removed.
+    pub fn computed_writer(&self) -> Result<ComputedBlob, StoreError> {
+        let tmp = self.partial_dir().join(format!("tmp-{}", unique_suffix()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        Ok(ComputedBlob {
+            file: Some(io::BufWriter::with_capacity(256 * 1024, file)),
+            tmp,
+            hasher: Sha256::new(),
+            size: 0,
+            blobs_dir: self.root.join("blobs/sha256"),
+        })
     }
 
     fn record_path(&self, id: &ImageId) -> PathBuf {
@@ -873,6 +877,65 @@ impl Store {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// A blob being written whose digest is computed from its bytes; see
+/// [`Store::computed_writer`].
+pub struct ComputedBlob {
+    file: Option<io::BufWriter<File>>,
+    tmp: PathBuf,
+    hasher: Sha256,
+    size: u64,
+    blobs_dir: PathBuf,
+}
+
+impl Write for ComputedBlob {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob already finished"))?;
+        let n = f.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ComputedBlob {
+    /// Flush, fsync and move the blob under its digest. Returns digest and size.
+    pub fn finish(mut self) -> Result<(Digest, u64), StoreError> {
+        let tmp = self.tmp.clone();
+        let file = self
+            .file
+            .take()
+            .expect("finish takes self, so the file is still there");
+        let file = file
+            .into_inner()
+            .map_err(|e| io_err("write", &tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("fsync", &tmp))?;
+        let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        let dest = self.blobs_dir.join(digest.hex());
+        // Same content under the same name: a concurrent writer's rename is harmless.
+        fs::rename(&tmp, &dest).map_err(io_err("rename into place", &dest))?;
+        fsync_dir(&self.blobs_dir)?;
+        Ok((digest, self.size))
+    }
+}
+
+impl Drop for ComputedBlob {
+    fn drop(&mut self) {
+        // Not finished (an error on the way): keep nothing. After `finish` the temp name is
+        // gone already and this is a harmless ENOENT.
+        let _ = fs::remove_file(&self.tmp);
     }
 }
 

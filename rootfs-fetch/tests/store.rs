@@ -337,6 +337,7 @@ fn record(config: &[u8], reference: &str) -> ImageRecord {
         os: "linux".into(),
         architecture: "amd64".into(),
         created_at: 1,
+        host_base: false,
     }
 }
 

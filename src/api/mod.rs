@@ -40,6 +40,7 @@
 //! | `DELETE /v1/secrets/{name}` | → 204 |
 //! | `GET /v1/volumes` | → `[`[`VolumeInfo`]`]` |
 //! | `DELETE /v1/volumes/{name}` | → 204; `conflict` while a running sandbox mounts it |
+//! | `/v1/images…`, `POST /v1/sandboxes/{id}/snapshot` | see [`images`] |
 //!
 //! # Errors
 //! Every failure is an HTTP status and a body [`ErrorBody`] `{"error":{"code":…,"message":…}}`;
@@ -63,6 +64,9 @@
 //! written is `conflict` (a gap). `eof=true` closes stdin after the bytes (idempotent). A write
 //! to a finished process or a closed stdin is `conflict`. The reply comes when the bytes are in
 //! the pipe: a process that does not read back-pressures the writer.
+
+pub mod dockerfile;
+pub mod images;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -285,6 +289,10 @@ pub struct CreateSandbox {
     pub pty: Option<PtySize>,
     /// Give the entrypoint a stdin pipe (written with `POST …/stdin`); otherwise /dev/null.
     pub stdin: bool,
+    /// With no `entrypoint`: run the image's Entrypoint + Cmd as the entrypoint (as `docker
+    /// run IMAGE` does). `invalid` when the image sets neither (for a reference still to pull,
+    /// the sandbox ends with reason `error` instead). Default false: the sandbox idles.
+    pub image_command: bool,
 }
 
 /// Where a sandbox is in its life.

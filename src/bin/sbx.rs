@@ -12,7 +12,9 @@ use sbx::api::{
     self, CreateSandbox, EndReason, ExecRequest, FileInfo, FileType, Probe, PtySize, SecretSource,
     VolumeMount,
 };
-use sbx::client::{self, Client, Sandbox, StreamReader, StreamWriter};
+use sbx::client::{
+    self, BuildEvent, Client, Image, ImageInfo, PullEvent, Sandbox, StreamReader, StreamWriter,
+};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
@@ -27,6 +29,7 @@ Examples:
   sbx wait-ready web && sbx exec web -- ls -l /tmp
   sbx ls --json
   sbx terminate --wait web
+  sbx image build --tag app:dev . && sbx run --image app:dev -- ./test.sh
 
 With no daemon on the socket, sbx starts one (log: <state-dir>/sbxd.log) unless --no-autostart.";
 
@@ -87,7 +90,8 @@ enum Cmd {
     /// Run CMD in a new sandbox, stream its output, exit with its code, remove the sandbox.
     #[command(
         after_help = "Examples:\n  sbx run -- python3 -c \"print('hello')\"\n  \
-        echo data | sbx run -i --image dir:/srv/rootfs -v cache:/cache -- sh -c 'cat > /cache/x'\n\n\
+        echo data | sbx run -i --image dir:/srv/rootfs -v cache:/cache -- sh -c 'cat > /cache/x'\n  \
+        sbx run --image app:dev           # runs the image's ENTRYPOINT/CMD\n\n\
         Ctrl-C or SIGTERM removes the sandbox and exits 130 / 143; a fired --timeout exits 124."
     )]
     Run(Box<RunArgs>),
@@ -153,9 +157,113 @@ enum Cmd {
         after_help = "Examples:\n  echo hi | sbx fs write web /tmp/x\n  sbx fs read web /tmp/x"
     )]
     Fs(FsCmd),
+    /// Build, pull, list, inspect, remove and export images in sbxd's store.
+    #[command(subcommand, after_help = IMAGE_EXAMPLES)]
+    Image(ImageCmd),
+    /// Save a sandbox's whole filesystem as a new image and print its id (im-…).
+    #[command(after_help = "Examples:\n  \
+        sbx create --name dev --timeout 1h\n  \
+        sbx exec dev -- sh -c 'echo tuned > /etc/app.conf'\n  \
+        img=$(sbx snapshot dev)\n  \
+        sbx run --image \"$img\" -- cat /etc/app.conf\n\n\
+        The sandbox keeps running; the image holds its image layers plus everything written since.")]
+    Snapshot(TargetArgs),
     /// Print the versions of sbx and (when one answers) sbxd.
     #[command(after_help = "Example:\n  sbx version --json")]
     Version,
+}
+
+const IMAGE_EXAMPLES: &str = "\
+Examples:
+  sbx image build --tag app:dev .                 # ./Dockerfile, context .
+  sbx image build -f ci/Dockerfile --build-arg PY=3.12 --no-cache ci/
+  sbx image pull 127.0.0.1:5000/team/busybox:1
+  sbx image ls
+  sbx run --image app:dev -- pytest -q              # or --image im-…
+  sbx image export app:dev oci:/srv/layouts/app:dev
+  sbx image rm app:dev
+
+Images live in sbxd's store (<state-dir>/images). A build caches every step by its parent and
+itself: rebuilding an unchanged Dockerfile reuses every step, and a change re-runs that step and
+the ones after it.";
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Pull an image from a registry (or import an OCI layout or docker-archive) into the
+    /// store; print its id (im-…).
+    #[command(after_help = "Examples:\n  \
+        sbx image pull 127.0.0.1:5000/team/busybox:1\n  \
+        sbx image pull oci:./layout:latest\n  \
+        sbx image pull --json docker-archive:/tmp/app.tar   # one JSON event per line\n\n\
+        Progress goes to stderr (bars on a terminal, else `layer sha256:… done|cached`); the id to stdout.")]
+    Pull {
+        /// `[REGISTRY/]REPO[:TAG|@sha256:…]`, `oci:PATH[:TAG]` or `docker-archive:PATH`.
+        #[arg(value_name = "REF")]
+        reference: String,
+    },
+    /// List the images in the store, newest first.
+    #[command(after_help = "Examples:\n  sbx image ls\n  sbx image ls --json")]
+    Ls,
+    /// Print an image as JSON: id, references, source, layers, config (env, entrypoint, cmd…).
+    #[command(
+        after_help = "Examples:\n  sbx image inspect app:dev\n  sbx image inspect im-0123456789abcdef01234567"
+    )]
+    Inspect {
+        /// An `im-…` id or a reference the store has.
+        #[arg(value_name = "REF")]
+        reference: String,
+    },
+    /// Remove images: a reference removes that name (and the image when none is left), an id
+    /// the image and all its names. Refused while a running sandbox uses the image.
+    #[command(after_help = "Example:\n  sbx image rm app:dev im-0123456789abcdef01234567")]
+    Rm {
+        #[arg(required = true, value_name = "REF")]
+        references: Vec<String>,
+    },
+    /// Build an image from a Dockerfile and a context directory; print its id (im-…).
+    #[command(after_help = "Examples:\n  \
+        sbx image build .\n  \
+        sbx image build -f docker/Dockerfile.ci --tag app:ci --build-arg VERSION=1.2 .\n  \
+        img=$(sbx image build -q .) && sbx run --image \"$img\" -- make test\n\n\
+        Supported: FROM (one stage; `host` is the built-in host image), RUN, ENV, WORKDIR, COPY,\n\
+        USER, CMD, ENTRYPOINT, ARG; EXPOSE is ignored (with a warning). Each step prints\n\
+        `Step i/n: …` and ` ---> cached` or its RUN output; a failing step exits 1.")]
+    Build(BuildArgs),
+    /// Write an image into an OCI image layout (created, or added to); images built on `host`
+    /// cannot be exported.
+    #[command(after_help = "Examples:\n  \
+        sbx image export app:dev oci:/srv/layouts/app:dev\n  \
+        skopeo inspect oci:/srv/layouts/app:dev")]
+    Export {
+        /// An `im-…` id or a reference the store has.
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// `oci:PATH[:TAG]` (TAG defaults to `latest`).
+        #[arg(value_name = "oci:PATH[:TAG]")]
+        destination: String,
+    },
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// The Dockerfile [default: CONTEXT/Dockerfile].
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Name the result in the store (`app:dev`); usable as --image.
+    #[arg(long, value_name = "NAME")]
+    tag: Option<String>,
+    /// A value for an ARG (repeatable).
+    #[arg(long = "build-arg", value_name = "K=V", value_parser = parse_env)]
+    build_args: Vec<(String, String)>,
+    /// Run every step, even the cached ones.
+    #[arg(long)]
+    no_cache: bool,
+    /// Print only the image id (no step lines, no RUN output).
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// The directory COPY sources are relative to.
+    #[arg(value_name = "CONTEXT")]
+    context: PathBuf,
 }
 
 /// Options shared by `run` and `create`.
@@ -226,8 +334,8 @@ struct RunArgs {
     /// Give CMD a terminal (stderr merged into stdout).
     #[arg(short = 't', long)]
     tty: bool,
-    /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// The command and its arguments; none with --image: the image's Entrypoint + Cmd.
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -633,6 +741,7 @@ impl CreateOpts {
             seccomp,
             pty,
             stdin,
+            image_command: false,
         })
     }
 }
@@ -751,7 +860,16 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Cmd::Run(a) => {
             let a = *a;
             let pty = a.tty.then(terminal_size);
-            let req = a.create.request(a.cmd, a.interactive, pty)?;
+            let image_command = a.cmd.is_empty();
+            if image_command && a.create.image.is_none() {
+                return Err(CliError::Usage(
+                    "sbx run needs a command (`sbx run -- CMD ARGS…`), or --image IMAGE to run \
+                     the image's ENTRYPOINT/CMD"
+                        .into(),
+                ));
+            }
+            let mut req = a.create.request(a.cmd, a.interactive, pty)?;
+            req.image_command = image_command;
             let client = connect(&g).await?;
             run(&client, req, a.interactive, a.tty).await
         }
@@ -888,6 +1006,19 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Cmd::Fs(c) => {
             let client = connect(&g).await?;
             fs(&client, &g, c).await
+        }
+        Cmd::Image(c) => image(&g, c).await,
+        Cmd::Snapshot(t) => {
+            let client = connect(&g).await?;
+            let sb = resolve(&client, &t, false).await?;
+            let img = sb.snapshot_filesystem().await?;
+            let id = img.object_id().expect("a snapshot is a stored image");
+            if g.json {
+                print_json(&serde_json::json!({ "id": sb.id(), "image": id }))?;
+            } else {
+                write_stdout(format!("{id}\n").as_bytes())?;
+            }
+            Ok(0)
         }
     }
 }
@@ -1519,6 +1650,268 @@ async fn fs(client: &Client, g: &Global, c: FsCmd) -> Result<u8, CliError> {
     Ok(0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// images
+
+/// `oci:`, `docker-archive:` and `dir:` references with a relative path made absolute (sbxd
+/// reads them, from its own working directory).
+fn absolute_ref(reference: &str) -> Result<String, CliError> {
+    for scheme in ["oci:", "docker-archive:", "dir:"] {
+        if let Some(rest) = reference.strip_prefix(scheme) {
+            if rest.starts_with('/') {
+                break;
+            }
+            if rest.is_empty() {
+                return Err(CliError::Usage(format!("{reference:?} names no path")));
+            }
+            let cwd = std::env::current_dir().map_err(CliError::io(format!(
+                "reading the current directory for {reference}"
+            )))?;
+            // `join` only prepends: a `:TAG` suffix stays at the end.
+            return Ok(format!("{scheme}{}", cwd.join(rest).display()));
+        }
+    }
+    Ok(reference.to_string())
+}
+
+async fn image(g: &Global, c: ImageCmd) -> Result<u8, CliError> {
+    // Usage errors first, before a daemon is started.
+    let c = match c {
+        ImageCmd::Pull { reference } => ImageCmd::Pull {
+            reference: absolute_ref(&reference)?,
+        },
+        ImageCmd::Export {
+            reference,
+            destination,
+        } => {
+            if !destination.starts_with("oci:") {
+                return Err(CliError::Usage(format!(
+                    "invalid export destination {destination:?}: expected oci:PATH[:TAG]"
+                )));
+            }
+            ImageCmd::Export {
+                reference,
+                destination: absolute_ref(&destination)?,
+            }
+        }
+        other => other,
+    };
+    let client = connect(g).await?;
+    match c {
+        ImageCmd::Pull { reference } => {
+            let info = pull(&client, g, &reference).await?;
+            if !g.json {
+                write_stdout(format!("{}\n", info.id).as_bytes())?;
+            }
+        }
+        ImageCmd::Ls => {
+            let list = Image::list(&client).await?;
+            if g.json {
+                print_json(&list)?;
+            } else {
+                let rows = list.iter().map(|i| {
+                    let refs = if i.references.is_empty() {
+                        "-".to_string()
+                    } else {
+                        i.references.join(",")
+                    };
+                    vec![i.id.clone(), refs, human_size(i.size), utc(i.created_at)]
+                });
+                print_table(&["ID", "REFERENCES", "SIZE", "CREATED"], rows)?;
+            }
+        }
+        ImageCmd::Inspect { reference } => {
+            let info = Image::inspect(&client, &reference).await?;
+            let text = serde_json::to_string_pretty(&info).expect("ImageInfo serializes");
+            write_stdout(format!("{text}\n").as_bytes())?;
+        }
+        ImageCmd::Rm { references } => {
+            for r in &references {
+                Image::remove(&client, r).await?;
+            }
+            if g.json {
+                print_json(&serde_json::json!({ "removed": references }))?;
+            }
+        }
+        ImageCmd::Build(a) => {
+            let id = build(&client, g, a).await?;
+            if !g.json {
+                write_stdout(format!("{id}\n").as_bytes())?;
+            }
+        }
+        ImageCmd::Export {
+            reference,
+            destination,
+        } => {
+            let r = Image::from_registry(reference)
+                .export(&client, &destination)
+                .await?;
+            if g.json {
+                print_json(&r)?;
+            } else {
+                write_stdout(
+                    format!("{} {} {}\n", r.image, r.destination, r.manifest_digest).as_bytes(),
+                )?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Pull with progress on stderr: per-layer bars on a terminal, else a line per finished
+/// layer; with --json every event as a line on stdout.
+async fn pull(client: &Client, g: &Global, reference: &str) -> Result<ImageInfo, CliError> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
+    let bars_on = !g.json && std::io::stderr().is_terminal();
+    let multi = MultiProgress::with_draw_target(if bars_on {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = layer_style();
+    let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let mut json_error = None;
+    let result = Image::pull(client, reference, |ev| {
+        if g.json {
+            if let Err(e) = print_json(ev) {
+                json_error.get_or_insert(e);
+            }
+            return;
+        }
+        match ev {
+            PullEvent::LayerStarted { digest, size } if bars_on => {
+                let bar = multi.add(ProgressBar::new(*size));
+                bar.set_style(style.clone());
+                bar.set_prefix(short_digest(digest));
+                bars.insert(digest.clone(), bar);
+            }
+            PullEvent::LayerProgress { digest, done, .. } => {
+                if let Some(bar) = bars.get(digest) {
+                    bar.set_position(*done);
+                }
+            }
+            PullEvent::LayerDone { digest, cached } => {
+                let what = if *cached { "cached" } else { "done" };
+                match bars.get(digest) {
+                    Some(bar) => {
+                        if let Some(len) = bar.length() {
+                            bar.set_position(len);
+                        }
+                        bar.finish_with_message(what);
+                    }
+                    None if !bars_on => eprintln!("layer {digest} {what}"),
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+    })
+    .await;
+    for bar in bars.values() {
+        if !bar.is_finished() {
+            bar.abandon();
+        }
+    }
+    if let Some(e) = json_error {
+        return Err(e);
+    }
+    Ok(result?)
+}
+
+/// A pull's per-layer bar: `0123456789ab [=====>    ]   1.2 MiB/4.0 MiB  done`.
+fn layer_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}",
+    )
+    .expect("a valid progress template")
+    .progress_chars("=> ")
+}
+
+fn short_digest(d: &str) -> String {
+    let hex = d.strip_prefix("sha256:").unwrap_or(d);
+    hex[..hex.len().min(12)].to_string()
+}
+
+/// Build a Dockerfile: `Step i/n: TEXT`, ` ---> cached` and RUN output on stderr as they
+/// come (or JSON events on stdout); returns the image id.
+async fn build(client: &Client, g: &Global, a: BuildArgs) -> Result<String, CliError> {
+    let file = a.file.unwrap_or_else(|| a.context.join("Dockerfile"));
+    let recipe = Image::from_dockerfile(&file, &a.context)
+        .build_args(a.build_args)
+        .force_build(a.no_cache);
+    let recipe = match a.tag {
+        Some(t) => recipe.tag(t),
+        None => recipe,
+    };
+    let (_, warnings) = recipe.build_request()?;
+    for w in &warnings {
+        eprintln!("warning: {}: {w}", file.display());
+    }
+    let quiet = a.quiet;
+    let mut line_start = true;
+    let mut json_error = None;
+    let mut err = std::io::stderr();
+    let built = recipe
+        .build_with(client, |ev| {
+            if g.json {
+                if let Err(e) = print_json(ev) {
+                    json_error.get_or_insert(e);
+                }
+                return;
+            }
+            if quiet {
+                return;
+            }
+            // Progress lines start on a fresh line even after RUN output without a newline.
+            let mut line = |text: String| {
+                let nl = if line_start { "" } else { "\n" };
+                let _ = writeln!(err, "{nl}{text}");
+                line_start = true;
+            };
+            match ev {
+                BuildEvent::Step {
+                    index,
+                    total,
+                    text,
+                    cached,
+                } => {
+                    line(format!("Step {}/{total}: {text}", index + 1));
+                    if *cached {
+                        line(" ---> cached".to_string());
+                    }
+                }
+                BuildEvent::Output { data, .. } => {
+                    if !data.is_empty() {
+                        let _ = err.write_all(data.as_bytes());
+                        line_start = data.ends_with('\n');
+                    }
+                }
+                BuildEvent::StepDone { image, .. } => line(format!(" ---> {image}")),
+                BuildEvent::Done { .. } | BuildEvent::Error(_) => {}
+            }
+        })
+        .await;
+    if let Some(e) = json_error {
+        return Err(e);
+    }
+    Ok(built?.id)
+}
+
+/// Bytes as `512 B`, `4.0 KiB`, `12.3 MiB`, `1.5 GiB`.
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 fn file_type(t: FileType) -> &'static str {
     match t {
         FileType::File => "file",
@@ -1710,6 +2103,23 @@ mod tests {
         );
         assert!(parse_words("'open").is_err());
         assert!(parse_words("   ").is_err());
+    }
+
+    #[test]
+    fn image_helpers() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(4096), "4.0 KiB");
+        assert_eq!(human_size(5 * 1024 * 1024 + 300 * 1024), "5.3 MiB");
+        assert_eq!(absolute_ref("busybox:1").unwrap(), "busybox:1");
+        assert_eq!(absolute_ref("oci:/abs/l:t").unwrap(), "oci:/abs/l:t");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_ref("oci:rel/l:t").unwrap(),
+            format!("oci:{}/rel/l:t", cwd.display())
+        );
+        assert!(matches!(absolute_ref("oci:"), Err(CliError::Usage(_))));
+        assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
+        let _ = layer_style();
     }
 
     #[test]

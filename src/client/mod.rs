@@ -1,6 +1,8 @@
 //! The async client library for sbxd, shaped like Modal's Sandbox API: a [`Client`] holds one
 //! HTTP/2 connection to the daemon's Unix socket; [`Sandbox`] handles create, exec, wait,
-//! terminate, tags, files and output; [`Process`] is one exec with its streams.
+//! terminate, tags, files, output and snapshots; [`Process`] is one exec with its streams;
+//! [`Image`] is an image recipe (base + build steps, Modal's `modal.Image`) and the calls on
+//! sbxd's image store (pull, list, inspect, remove, export).
 //!
 //! Built with the cargo feature `client` alone (tokio + hyper), without the runtime or daemon:
 //! `sbx = { default-features = false, features = ["client"] }`. The wire contract is
@@ -52,10 +54,17 @@
 //! offset-addressed chunks; sbxd skips bytes it already has.
 
 mod builders;
+mod image;
 mod stream;
 mod transport;
 
+pub use image::{is_image_id, BuiltImage, Image, NewSandbox};
 pub use stream::{EventStream, StreamReader, StreamWriter};
+
+pub use crate::api::images::{
+    BuildEvent, BuildImage, BuildStep, ExportResult, ImageConfigInfo, ImageInfo, LayerInfo,
+    PullEvent,
+};
 
 pub use crate::api::{
     CreateSandbox, CreateSecret, EndReason, ErrorCode, Event, EventKind, ExecInfo, ExecRequest,
@@ -323,7 +332,12 @@ impl Sandbox {
 
     /// Creates a sandbox. It starts asynchronously: the handle comes back while it is
     /// `pending`; use [`wait_until_ready`](Self::wait_until_ready) or just exec (which waits).
-    pub async fn create(client: &Client, params: api::CreateSandbox) -> Result<Sandbox> {
+    ///
+    /// `params` is a [`CreateSandbox`] (its `image` a reference string or an `im-…` id), or
+    /// `CreateSandbox { … }.with_image(image)` with an [`Image`] recipe: a recipe with steps
+    /// is built first (each step cached) and the sandbox starts from the result.
+    pub async fn create(client: &Client, params: impl Into<NewSandbox>) -> Result<Sandbox> {
+        let params = params.into().request(client).await?;
         let info: api::SandboxInfo = client
             .json(
                 Method::POST,
@@ -383,6 +397,23 @@ impl Sandbox {
             format!("/v1/sandboxes?{}", query.join("&"))
         };
         client.get(&path).await
+    }
+
+    /// Saves its whole filesystem (image + everything written since) as a new image in
+    /// sbxd's store (Modal's `snapshot_filesystem`); start new sandboxes from it. The sandbox
+    /// keeps running.
+    pub async fn snapshot_filesystem(&self) -> Result<Image> {
+        self.check("snapshot_filesystem")?;
+        let info: ImageInfo = self
+            .client()
+            .json(
+                Method::POST,
+                &format!("{}/snapshot", self.path()),
+                &Payload::Empty,
+                Retry::IfUnsent,
+            )
+            .await?;
+        Ok(Image::from_id(info.id))
     }
 
     /// The sandbox id (`sb-…`).
@@ -872,6 +903,7 @@ mod assertions {
         send_sync::<StreamReader>();
         send_sync::<StreamWriter>();
         send_sync::<Filesystem>();
+        send_sync::<Image>();
         send_sync::<Error>();
         if false {
             // Never run: only the futures' types are checked.
@@ -886,6 +918,12 @@ mod assertions {
             send(&sb.stdout().next_line());
             send(&sb.stdin().drain());
             send(&sb.filesystem().read_bytes("/x"));
+            send(&sb.snapshot_filesystem());
+            send(&Sandbox::create(
+                &client,
+                Image::host().run_commands(["true"]),
+            ));
+            send(&Image::pull(&client, "busybox", |_| {}));
         }
     }
 }

@@ -7,7 +7,9 @@
 //! of the entrypoint and of every exec is spooled to files under `<state>/output/<id>/` and
 //! read back by offset; metadata lives in `<state>/sbx.db`.
 
+pub(crate) mod build;
 pub mod fs;
+pub(crate) mod images;
 pub mod output;
 pub mod server;
 pub mod store;
@@ -275,9 +277,14 @@ pub struct Daemon {
     pub(crate) cgroup_version: String,
     /// Supervisor tasks still running (shutdown waits for them to tear their sandboxes down).
     supervisors: tokio::sync::watch::Sender<usize>,
-    /// One gate per image reference being imported or pulled: creates of the same reference
-    /// wait for the first one's fetch instead of downloading again.
+    /// One gate per image reference being imported or pulled (keyed by the normalized
+    /// reference): creates and pulls of the same reference wait for the first one's fetch
+    /// instead of downloading again.
     resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held shared by everything that writes blobs or records into the image store (pulls,
+    /// imports, snapshots, builds) and exclusively by the garbage collection after an image
+    /// removal, so it never deletes a blob a write has stored but not yet recorded.
+    pub(crate) image_gc: tokio::sync::RwLock<()>,
 }
 
 type StoreJob = Box<dyn FnOnce(&Store) + Send>;
@@ -314,9 +321,16 @@ pub(crate) struct Live {
     pub config: CreateSandbox,
     /// The env every process gets (secrets, then env), resolved at create.
     env: BTreeMap<String, String>,
-    /// The defaults of a stored image (its Env and WorkingDir): known at create for `im-…`,
-    /// once the image is fetched for references to import or pull; never for host and dir.
+    /// The defaults of a stored image (its Env, WorkingDir, User, command): known at create
+    /// for `im-…`, once the image is fetched for references to import or pull; never for host
+    /// and dir.
     image: std::sync::OnceLock<ImageDefaults>,
+    /// The image the sandbox runs (`im-…` once a reference to fetch is in the store): what
+    /// image removal checks and a snapshot starts from.
+    pub(crate) image_ref: std::sync::OnceLock<runtime::ImageRef>,
+    /// The uid and gid its processes run as (the image's User, resolved in the sandbox's
+    /// /etc/passwd and /etc/group once it runs); unset means root (0, 0).
+    ids: std::sync::OnceLock<(u32, u32)>,
     pub volumes: Vec<String>,
     pub state: watch::Sender<LiveState>,
     /// The first reason asked for ends it (terminate, timeout, idle).
@@ -347,6 +361,11 @@ impl Live {
         let mut env = self.image.get().map(|i| i.env.clone()).unwrap_or_default();
         env.extend(self.env.clone());
         env
+    }
+
+    /// The uid and gid of its processes (the image's User; root without one).
+    fn user_ids(&self) -> (u32, u32) {
+        self.ids.get().copied().unwrap_or((0, 0))
     }
 
     /// The create's workdir, else the image's WorkingDir.
@@ -493,6 +512,10 @@ struct ImageDefaults {
     env: BTreeMap<String, String>,
     /// The image's WorkingDir, when absolute.
     workdir: Option<String>,
+    /// The image's User (`NAME`, `UID`, `NAME:GROUP`, `UID:GID`), when set.
+    user: Option<String>,
+    /// Entrypoint + Cmd: what `image_command` runs (empty when the image sets neither).
+    command: Vec<String>,
 }
 
 impl ImageDefaults {
@@ -508,16 +531,106 @@ impl ImageDefaults {
             .working_dir
             .clone()
             .filter(|w| w.starts_with('/') && !w.contains('\0'));
-        ImageDefaults { env, workdir }
+        let user = c.user.clone().filter(|u| !u.is_empty());
+        let command = c
+            .entrypoint
+            .iter()
+            .flatten()
+            .chain(c.cmd.iter().flatten())
+            .cloned()
+            .collect();
+        ImageDefaults {
+            env,
+            workdir,
+            user,
+            command,
+        }
     }
+}
+
+/// The longest /etc/passwd or /etc/group read to resolve an image's User.
+const MAX_ID_FILE: u64 = 4 << 20;
+
+/// An image's User (`NAME`, `UID`, `NAME:GROUP`, `UID:GID`) as uid and gid, names looked up
+/// in the sandbox's own /etc/passwd and /etc/group (read inside its root: a symlink cannot
+/// reach the host). A uid without a group takes its passwd entry's group, else 0 (as Docker).
+fn resolve_user(sb: &runtime::Sandbox, user: &str) -> Result<(u32, u32), String> {
+    use std::io::Read;
+    let read = |path: &str| -> Result<String, String> {
+        let mut s = String::new();
+        match sb.fs().read_file(path) {
+            Ok(f) => {
+                f.take(MAX_ID_FILE)
+                    .read_to_string(&mut s)
+                    .map_err(|e| format!("read {path}: {e}"))?;
+                Ok(s)
+            }
+            // No such file: names cannot be looked up (numeric ids still work).
+            Err(_) => Ok(String::new()),
+        }
+    };
+    // name:x:uid:gid:… (passwd) / name:x:gid:… (group)
+    let entries = |text: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| l.split(':').map(str::to_string).collect())
+            .collect()
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = entries(&read("/etc/passwd")?);
+    let (uid, passwd_gid) = match u.parse::<u32>() {
+        Ok(uid) => {
+            let gid = passwd
+                .iter()
+                .find(|e| e.get(2).and_then(|x| x.parse::<u32>().ok()) == Some(uid))
+                .and_then(|e| e.get(3)?.parse::<u32>().ok());
+            (uid, gid)
+        }
+        Err(_) => {
+            let e = passwd
+                .iter()
+                .find(|e| e.first().map(String::as_str) == Some(u) && e.len() >= 4)
+                .ok_or_else(|| format!("image user {user:?}: no user {u:?} in /etc/passwd"))?;
+            let uid = e[2]
+                .parse::<u32>()
+                .map_err(|_| format!("image user {user:?}: bad uid {:?} in /etc/passwd", e[2]))?;
+            (uid, e[3].parse::<u32>().ok())
+        }
+    };
+    let gid = match g {
+        None => passwd_gid.unwrap_or(0),
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                let group = entries(&read("/etc/group")?);
+                let e = group
+                    .iter()
+                    .find(|e| e.first().map(String::as_str) == Some(g) && e.len() >= 3)
+                    .ok_or_else(|| format!("image user {user:?}: no group {g:?} in /etc/group"))?;
+                e[2].parse::<u32>()
+                    .map_err(|_| format!("image user {user:?}: bad gid {:?} in /etc/group", e[2]))?
+            }
+        },
+    };
+    let (_, count) = sb.id_range();
+    if uid >= count || gid >= count {
+        return Err(format!(
+            "image user {user:?}: uid {uid} / gid {gid} outside the sandbox's {count} ids"
+        ));
+    }
+    Ok((uid, gid))
 }
 
 /// An image reference to bring into the content store before the sandbox starts.
 #[derive(Debug, Clone)]
-struct FetchImage {
-    /// The reference as the create gave it (the key that serializes fetches, and the name
-    /// in messages).
-    text: String,
+pub(crate) struct FetchImage {
+    /// The reference as the create or pull gave it (the name in messages).
+    pub text: String,
+    /// The normalized reference: the key that serializes fetches of one image.
+    pub key: String,
     source: FetchSource,
 }
 
@@ -546,7 +659,7 @@ async fn off_thread<T: Send + 'static>(
 }
 
 /// Pull progress in the daemon log, a line per layer.
-struct PullLog {
+pub(crate) struct PullLog {
     sandbox: String,
     image: String,
 }
@@ -597,41 +710,83 @@ impl Daemon {
             }
             Err(_) => {}
         }
-        let source = match Reference::parse(text) {
-            Err(e) => return Err(invalid(&e.reason)),
-            Ok(Reference::Built(id)) => return stored(id),
-            Ok(Reference::Host) => return Ok(ImageChoice::Ready(runtime::ImageRef::Host, None)),
-            Ok(Reference::Dir(p)) => {
-                return Ok(ImageChoice::Ready(runtime::ImageRef::Dir(p), None))
-            }
-            Ok(Reference::OciLayout { path, tag }) => FetchSource::Oci { path, tag },
-            Ok(Reference::DockerArchive { path }) => FetchSource::DockerArchive(path),
-            Ok(Reference::Registry(r)) => FetchSource::Registry(r),
+        let parsed = Reference::parse(text).map_err(|e| invalid(&e.reason))?;
+        let key = parsed.to_string();
+        let source = match parsed {
+            Reference::Built(id) => return stored(id),
+            Reference::Host => return Ok(ImageChoice::Ready(runtime::ImageRef::Host, None)),
+            Reference::Dir(p) => return Ok(ImageChoice::Ready(runtime::ImageRef::Dir(p), None)),
+            Reference::OciLayout { path, tag } => FetchSource::Oci { path, tag },
+            Reference::DockerArchive { path } => FetchSource::DockerArchive(path),
+            Reference::Registry(r) => FetchSource::Registry(r),
         };
         Ok(ImageChoice::Fetch(FetchImage {
             text: text.to_string(),
+            key,
             source,
         }))
     }
 
+    /// What `POST /v1/images/pull` fetches: a registry reference, `oci:` or
+    /// `docker-archive:`; `Err(Ok(id))` for an `im-…` id (already in the store, or not).
+    pub(crate) fn pull_source(
+        &self,
+        text: &str,
+    ) -> Result<FetchImage, Result<rootfs_fetch::store::ImageId, ApiError>> {
+        use rootfs_fetch::reference::Reference;
+        let invalid = |why: &str| Err(ApiError::invalid("reference", format!("{text:?}"), why));
+        let parsed = match Reference::parse(text) {
+            Ok(p) => p,
+            Err(e) => return Err(invalid(&e.reason)),
+        };
+        let key = parsed.to_string();
+        let source = match parsed {
+            Reference::Built(id) => return Err(Ok(id)),
+            Reference::Host | Reference::Dir(_) => {
+                return Err(invalid(
+                    "is used as it is by sandboxes: only registry references, oci: and \
+                     docker-archive: are pulled",
+                ))
+            }
+            Reference::OciLayout { path, tag } => FetchSource::Oci { path, tag },
+            Reference::DockerArchive { path } => FetchSource::DockerArchive(path),
+            Reference::Registry(r) => FetchSource::Registry(r),
+        };
+        Ok(FetchImage {
+            text: text.to_string(),
+            key,
+            source,
+        })
+    }
+
     /// Bring an image into the store, one fetch per reference at a time: a create that finds
     /// the same reference being fetched waits for it, then finds the image in the store.
-    async fn resolve_image(
+    ///
+    /// `progress` hears of every layer; `repull`: a registry tag is resolved against the
+    /// registry even when the store has it (an explicit pull), shared layers still not
+    /// downloaded again.
+    pub(crate) async fn resolve_image(
         &self,
-        sandbox: &str,
+        who: &str,
         f: &FetchImage,
+        progress: Arc<dyn rootfs_fetch::registry::Progress>,
+        repull: bool,
     ) -> Result<rootfs_fetch::store::ImageRecord, String> {
         let gate = lock(&self.resolving)
-            .entry(f.text.clone())
+            .entry(f.key.clone())
             .or_default()
             .clone();
         let held = gate.lock().await;
-        let r = self.fetch_image(sandbox, f).await;
+        let r = {
+            // Blobs stored by the fetch are recorded before a garbage collection may look.
+            let _writing = self.image_gc.read().await;
+            self.fetch_image(who, f, progress, repull).await
+        };
         drop(held);
         let mut m = lock(&self.resolving);
         // Nobody else holds or waits on the gate (the map and we are its only holders).
         if Arc::strong_count(&gate) == 2 {
-            m.remove(&f.text);
+            m.remove(&f.key);
         }
         r
     }
@@ -640,6 +795,8 @@ impl Daemon {
         &self,
         sandbox: &str,
         f: &FetchImage,
+        progress: Arc<dyn rootfs_fetch::registry::Progress>,
+        repull: bool,
     ) -> Result<rootfs_fetch::store::ImageRecord, String> {
         let state_dir = self.cfg.state_dir.clone();
         let store = rootfs_fetch::image_store(&state_dir)
@@ -670,7 +827,7 @@ impl Daemon {
                 let s = store.clone();
                 let have = off_thread(move || {
                     Ok(match s.resolve_tag(&name) {
-                        Ok(Some(id)) => s.load_image(&id).ok(),
+                        Ok(Some(id)) if !repull => s.load_image(&id).ok(),
                         _ => None,
                     })
                 })
@@ -681,10 +838,6 @@ impl Daemon {
                 }
                 tracing::info!(sandbox = %sandbox, image = %f.text, "pulling");
                 let opts = rootfs_fetch::registry::PullOptions::for_state_dir(&state_dir);
-                let progress = Arc::new(PullLog {
-                    sandbox: sandbox.to_string(),
-                    image: f.text.clone(),
-                });
                 let report = rootfs_fetch::registry::pull(&store, r, &opts, progress)
                     .await
                     .map_err(|e| format!("pull failed: {e}"))?;
@@ -743,6 +896,7 @@ impl Daemon {
             cgroup_version,
             supervisors: tokio::sync::watch::Sender::new(0),
             resolving: Mutex::new(HashMap::new()),
+            image_gc: tokio::sync::RwLock::new(()),
         });
         d.sweep();
         Ok(d)
@@ -953,6 +1107,21 @@ impl Daemon {
         }
         let image = self.choose_image(req.image.as_deref())?;
         check_argv("entrypoint", &req.entrypoint, false)?;
+        // The image's command as the entrypoint: known now for host, dir: and stored images
+        // (a reference still to fetch is checked once it is in the store).
+        if req.image_command && req.entrypoint.is_empty() {
+            if let ImageChoice::Ready(r, d) = &image {
+                let command = d.as_ref().map(|d| d.command.clone()).unwrap_or_default();
+                if command.is_empty() {
+                    return Err(ApiError::invalid(
+                        "image_command",
+                        "true",
+                        &format!("image {r} has no Entrypoint or Cmd to run"),
+                    ));
+                }
+                check_argv("image_command", &command, true)?;
+            }
+        }
         let timeout = req.timeout_secs.unwrap_or(api::DEFAULT_TIMEOUT_SECS);
         if timeout == 0 || timeout > api::MAX_TIMEOUT_SECS {
             return Err(ApiError::invalid(
@@ -1111,6 +1280,10 @@ impl Daemon {
             ImageChoice::Ready(r, d) => (r, d, None),
             ImageChoice::Fetch(f) => (runtime::ImageRef::Host, None, Some(f)),
         };
+        let image_ref = match fetch {
+            None => std::sync::OnceLock::from(image.clone()),
+            Some(_) => std::sync::OnceLock::new(),
+        };
         let mut spec = runtime::SandboxSpec {
             id: None,
             image,
@@ -1124,6 +1297,7 @@ impl Daemon {
             seccomp,
             entrypoint: None,
             mounts,
+            background: false,
         };
         // A warm sandbox of this shape, if one is ready: its id becomes the sandbox's.
         let warm = match fetch {
@@ -1185,6 +1359,8 @@ impl Daemon {
                 Some(d) => std::sync::OnceLock::from(d),
                 None => std::sync::OnceLock::new(),
             },
+            image_ref,
+            ids: std::sync::OnceLock::new(),
             state: watch::Sender::new(LiveState {
                 status: SandboxStatus::Pending,
                 ready_at: None,
@@ -1264,8 +1440,12 @@ impl Daemon {
         // An image to import or pull first; a terminate meanwhile ends the wait (a pull left
         // behind goes on from its partial blobs next time).
         if let Some(f) = fetch {
+            let log = Arc::new(PullLog {
+                sandbox: live.id.clone(),
+                image: f.text.clone(),
+            });
             let resolved = tokio::select! {
-                r = self.resolve_image(&live.id, &f) => Some(r),
+                r = self.resolve_image(&live.id, &f, log, false) => Some(r),
                 _ = end_rx.wait_for(|r| r.is_some()) => None,
             };
             let Some(resolved) = resolved else {
@@ -1282,6 +1462,9 @@ impl Daemon {
                 Ok(rec) => {
                     tracing::info!(sandbox = %live.id, image = %f.text, image_id = %rec.id, "image resolved");
                     let _ = live.image.set(ImageDefaults::of(&rec.config));
+                    let _ = live
+                        .image_ref
+                        .set(runtime::ImageRef::Stored(rec.id.clone()));
                     spec.image = runtime::ImageRef::Stored(rec.id);
                 }
                 Err(e) => {
@@ -1307,10 +1490,39 @@ impl Daemon {
             .await;
             return;
         }
+        // The create's entrypoint, else (image_command) the image's Entrypoint + Cmd.
+        let entry_argv = if !live.config.entrypoint.is_empty() {
+            live.config.entrypoint.clone()
+        } else if live.config.image_command {
+            let command = live
+                .image
+                .get()
+                .map(|d| d.command.clone())
+                .unwrap_or_default();
+            let image = live.config.image.as_deref().unwrap_or("host");
+            let bad = if command.is_empty() {
+                Some(format!(
+                    "image_command: image {image} has no Entrypoint or Cmd to run"
+                ))
+            } else {
+                check_argv("image_command", &command, true)
+                    .and_then(|_| check_process_size(&command, &live.base_env()))
+                    .err()
+                    .map(|e| e.message)
+            };
+            if let Some(msg) = bad {
+                self.finish(&live, EndReason::Error, 1, Some(msg)).await;
+                return;
+            }
+            command
+        } else {
+            Vec::new()
+        };
+        let user = live.image.get().and_then(|d| d.user.clone());
         let mut entry_spec = None;
-        if !live.config.entrypoint.is_empty() {
+        if !entry_argv.is_empty() {
             entry_spec = Some(ExecSpec {
-                argv: live.config.entrypoint.clone(),
+                argv: entry_argv,
                 env: self.process_env(&live, &BTreeMap::new()),
                 cwd: live.workdir(),
                 stdin: if live.config.stdin {
@@ -1330,10 +1542,13 @@ impl Daemon {
         // The workdir is made (as sandbox root, mkdir -p) before the entrypoint starts in it, as
         // Docker and runc do for a missing working directory.
         // A warm sandbox with nothing to change needs no blocking work at all.
-        let trivial =
-            spec.limits == runtime::Limits::default() && workdir.is_none() && entry_spec.is_none();
+        let trivial = spec.limits == runtime::Limits::default()
+            && workdir.is_none()
+            && entry_spec.is_none()
+            && user.is_none();
+        let live2 = live.clone();
         let spawned = match warm {
-            Some(sb) if trivial => Ok(Ok(sb)),
+            Some(sb) if trivial => Ok(Ok(Ok(sb))),
             warm => tokio::task::spawn_blocking(move || {
             let sb = match warm {
                 // Started ahead of time with default limits: this create's go into its cgroup.
@@ -1348,20 +1563,38 @@ impl Daemon {
                 }
                 None => runtime::Sandbox::spawn(&rt, spec)?,
             };
+            // The image's User, looked up in the image's own /etc/passwd and /etc/group:
+            // the entrypoint, execs and probes run as it.
+            if let Some(u) = &user {
+                match resolve_user(&sb, u) {
+                    Ok(ids) => {
+                        let _ = live2.ids.set(ids);
+                    }
+                    Err(msg) => {
+                        let _ = sb.destroy();
+                        return Ok(Err(msg));
+                    }
+                }
+            }
             if let Some(w) = &workdir {
                 if let Err(e) = sb.fs().mkdir(w, true) {
                     tracing::warn!(sandbox = %sb.id(), workdir = %w, error = %e, "could not create the workdir");
                 }
             }
-            if let Some(e) = entry_spec {
+            if let Some(mut e) = entry_spec {
+                (e.uid, e.gid) = live2.user_ids();
                 sb.start_entrypoint(e)?;
             }
-            Ok::<_, runtime::RuntimeError>(sb)
+            Ok::<_, runtime::RuntimeError>(Ok(sb))
         })
         .await,
         };
         let sb = match spawned {
-            Ok(Ok(sb)) => Arc::new(sb),
+            Ok(Ok(Ok(sb))) => Arc::new(sb),
+            Ok(Ok(Err(msg))) => {
+                self.finish(&live, EndReason::Error, 1, Some(msg)).await;
+                return;
+            }
             Ok(Err(e)) => {
                 self.finish(
                     &live,
@@ -1603,11 +1836,14 @@ impl Daemon {
             } else if let Some(argv) = p.exec_argv.clone() {
                 let env = self.process_env(&live, &BTreeMap::new());
                 let cwd = live.workdir();
+                let (uid, gid) = live.user_ids();
                 waiter_thread("sbx-probe", move || {
                     let spec = ExecSpec {
                         argv,
                         env,
                         cwd,
+                        uid,
+                        gid,
                         stdin: Stdio::Null,
                         stdout: Stdio::Null,
                         stderr: Stdio::Null,
@@ -1871,10 +2107,13 @@ impl Daemon {
         check_process_size(&req.argv, &all_env)?;
         let env = self.process_env(&live, &extra);
         let want_stdin = req.stdin.unwrap_or(true);
+        let (uid, gid) = live.user_ids();
         let spec = ExecSpec {
             argv: req.argv.clone(),
             env,
             cwd: req.workdir.clone().or_else(|| live.workdir()),
+            uid,
+            gid,
             stdin: if want_stdin { Stdio::Pipe } else { Stdio::Null },
             stdout: match req.stdout {
                 StreamMode::Devnull => Stdio::Null,
@@ -1889,7 +2128,6 @@ impl Daemon {
                 rows: p.rows,
                 cols: p.cols,
             }),
-            ..Default::default()
         };
         let t0 = Instant::now();
         live.active_execs.fetch_add(1, Ordering::SeqCst);

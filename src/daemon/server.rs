@@ -191,6 +191,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route(&format!("{ex}/resize"), post(exec_resize))
         .route(&format!("{ex}/signal"), post(exec_signal))
         .merge(super::fs_routes())
+        .merge(super::images::image_routes())
+        .route("/v1/images/build", post(super::build::build_route))
         .route("/v1/secrets", post(create_secret).get(list_secrets))
         .route("/v1/secrets/{name}", axum::routing::delete(delete_secret))
         .route("/v1/volumes", get(list_volumes))

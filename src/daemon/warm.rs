@@ -146,7 +146,9 @@ impl Warm {
             got
         };
         destroy_later(doomed);
-        if got.is_some() {
+        if let Some(r) = &got {
+            // It waited at background priority; from now on it is someone's sandbox.
+            r.sandbox.set_foreground();
             self.hits.fetch_add(1, Ordering::Relaxed);
         } else {
             self.misses.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +159,22 @@ impl Warm {
         }
         self.wake.notify_one();
         got
+    }
+
+    /// Forget the shape of `image` and hand back its warm sandboxes for the caller to tear
+    /// down (the image is being removed: its layers must not stay mounted).
+    pub fn drain_image(&self, image: &runtime::ImageRef) -> Vec<Ready> {
+        let mut slots = lock(&self.slots);
+        let mut out = Vec::new();
+        slots.retain_mut(|s| {
+            if s.shape.image == *image {
+                out.append(&mut s.ready);
+                false
+            } else {
+                true
+            }
+        });
+        out
     }
 
     /// Return a sandbox taken by a create that was then refused (before its id was revealed).
@@ -211,14 +229,22 @@ impl Warm {
                 id: Some(id.clone()),
                 image: shape.image.clone(),
                 seccomp: shape.seccomp.clone(),
+                background: true,
                 ..Default::default()
             };
             let rt = self.rt.clone();
             self.busy.send_replace(true);
-            let started = tokio::task::spawn_blocking(move || runtime::Sandbox::spawn(&rt, spec))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            let started = tokio::task::spawn_blocking(move || {
+                // The host-side setup too runs behind the sandboxes in use; the pool thread
+                // goes back to normal priority for whatever it runs next.
+                runtime::set_thread_background(true);
+                let r = runtime::Sandbox::spawn(&rt, spec);
+                runtime::set_thread_background(false);
+                r
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
             let mut doomed = Vec::new();
             {
                 let mut slots = lock(&self.slots);

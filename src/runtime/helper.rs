@@ -165,10 +165,13 @@ fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
     let (cfg, _): (HelperConfig, _) =
         proto::expect(control.as_raw_fd(), "helper config").map_err(HelperError::Config)?;
     // A pre-forked helper waited at background priority; the sandbox it now builds (and every
-    // process in it) runs at normal priority.
+    // process in it) runs at normal priority — unless it is started ahead of need
+    // (`background`): then it stays niced until `Sandbox::set_foreground` renices helper and init.
     // (Needs CAP_SYS_NICE, which host root has; without it the sandbox stays niced rather
     // than failing.)
-    let _ = super::sys::set_thread_nice(0);
+    if !cfg.background {
+        let _ = super::sys::set_thread_nice(0);
+    }
 
     // A private mount namespace for the helper: the overlay and binds exist only here and in the
     // sandbox, so they vanish with the last process even if everything is SIGKILLed.

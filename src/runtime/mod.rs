@@ -22,7 +22,14 @@ pub mod sys;
 pub use cgroups::Limits;
 
 /// Nice value of work done ahead of time or after the fact (pre-forking helpers, teardown).
-const BACKGROUND_NICE: i32 = 10;
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Put the calling thread at background priority ([`BACKGROUND_NICE`]) or back to normal
+/// (nice 0, needs CAP_SYS_NICE). Linux keeps nice per thread; what the thread forks inherits it.
+pub fn set_thread_background(background: bool) {
+    let _ = sys::set_thread_nice(if background { BACKGROUND_NICE } else { 0 });
+}
+
 pub use fs::{FileStat, FileType, FsError, FsErrorKind, SandboxFs};
 pub use proto::VolumeMount as BindMount;
 pub use proto::WaitStatus;
@@ -92,6 +99,10 @@ pub struct SandboxSpec {
     pub entrypoint: Option<ExecSpec>,
     /// Host directories mounted into the sandbox, id-mapped (see [`BindMount`]).
     pub mounts: Vec<BindMount>,
+    /// Start it at background priority (nice [`BACKGROUND_NICE`]: its setup and init) so that
+    /// starting it ahead of need does not compete with sandboxes in use; raise it with
+    /// [`Sandbox::set_foreground`] when it is put to use.
+    pub background: bool,
 }
 
 /// Where a standard stream of a process goes.
@@ -414,6 +425,7 @@ impl Sandbox {
             control_socket: control_socket.clone(),
             seccomp,
             mounts: spec.mounts.clone(),
+            background: spec.background,
         };
 
         let log = cfg.run_dir.join("helper.log");
@@ -479,6 +491,30 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// Bring a sandbox started with [`SandboxSpec::background`] to normal priority: its helper
+    /// and init (so every process init starts from now on) get nice 0. Processes already
+    /// running inside keep their priority. Best effort: needs CAP_SYS_NICE.
+    pub fn set_foreground(&self) {
+        let helper = lock(&self.inner.helper).as_ref().map(|c| c.id() as i32);
+        for pid in helper.into_iter().chain([self.inner.init_pid]) {
+            // Fails only without CAP_SYS_NICE or when the process is gone (then nothing
+            // runs at background priority any more either).
+            let _ = sys::set_process_nice(pid, 0);
+        }
+    }
+
+    /// The overlay's writable layer on the host (under the state dir): every file the
+    /// sandbox created or changed, overlayfs whiteouts (0/0 character devices) for what it
+    /// removed, owned by host ids `id_range().0 + N` for sandbox id N. What a snapshot reads.
+    pub fn upper_dir(&self) -> PathBuf {
+        self.inner.sandbox_state.join("upper")
+    }
+
+    /// The sandbox's host uid/gid range: (first, count); sandbox id N is host id first + N.
+    pub fn id_range(&self) -> (u32, u32) {
+        (self.inner.ids.base, self.inner.ids.count)
     }
 
     /// Whether init is still running (its pidfd is not readable yet).

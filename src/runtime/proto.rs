@@ -157,6 +157,10 @@ pub struct HelperConfig {
     /// Host directories mounted into the sandbox (id-mapped), in order.
     #[serde(default)]
     pub mounts: Vec<VolumeMount>,
+    /// Keep the helper, init and what init starts at background priority (nice
+    /// [`super::BACKGROUND_NICE`]) until [`super::Sandbox::set_foreground`].
+    #[serde(default)]
+    pub background: bool,
 }
 
 /// A host directory mounted into the sandbox (`sbx::runtime::BindMount`): a volume that

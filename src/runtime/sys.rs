@@ -173,6 +173,15 @@ pub fn set_thread_nice(value: i32) -> nix::Result<()> {
     nix::errno::Errno::result(r).map(drop)
 }
 
+/// Set the nice value of thread/process `pid` (its main thread; what it forks from now on
+/// inherits it). Lowering it needs CAP_SYS_NICE.
+pub fn set_process_nice(pid: i32, value: i32) -> nix::Result<()> {
+    let who = libc::id_t::try_from(pid).map_err(|_| nix::errno::Errno::ESRCH)?;
+    // SAFETY: setpriority takes plain integers.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, value) };
+    nix::errno::Errno::result(r).map(drop)
+}
+
 /// `setresuid`/`setresgid` as raw syscalls: per-thread, which is what we want in a
 /// single-threaded process (glibc's wrappers broadcast to all threads with signals).
 pub fn set_ids(uid: u32, gid: u32) -> nix::Result<()> {
