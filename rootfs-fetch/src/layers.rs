@@ -9,7 +9,7 @@
 //!
 //! A layer is unpacked into `.tmp-<hex>-<unique>` with whiteouts in overlayfs form, its
 //! uncompressed stream is checked against the diff_id (and the blob against its digest), and
-//! only then is it renamed into place. Concurrent unpackers of one layer (threads or processes)
+//! only then, after a `syncfs`, is it renamed into place. Concurrent unpackers of one layer (threads or processes)
 //! serialize on a flock of `.lock-<hex>` and re-check after taking it, so a layer is unpacked
 //! once; a temporary directory left by a crash is removed by the next holder of the lock.
 
@@ -181,11 +181,27 @@ fn unpack_layer(
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    // On disk before it gets its final name: a crash must not leave a half-written layer
+    // that every later sandbox would use as complete. One syncfs for the whole tree (cheaper
+    // than an fsync per file), then the rename, then the directory entry.
+    if let Err(e) = sync_filesystem(&tmp) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(io_err("sync the unpacked layer to disk", &tmp)(e));
+    }
     if let Err(e) = fs::rename(&tmp, &dest) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(io_err("rename the unpacked layer into place", &dest)(e));
     }
+    fs::File::open(layers_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync the layers directory", layers_dir))?;
     Ok(dest)
+}
+
+/// `syncfs(2)` on the filesystem holding `dir`.
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    let d = fs::File::open(dir)?;
+    rustix::fs::syncfs(&d).map_err(std::io::Error::from)
 }
 
 /// Apply the blob of `layer` into the empty directory `root` and check both digests.

@@ -122,6 +122,61 @@ fn waiter_thread<T: Send + 'static>(
     }
 }
 
+/// Start an exec in `sb` from the async side: the request goes out on a non-blocking
+/// connection and the reply is awaited on the reactor (no thread hop); only when init's queue
+/// is full does the rest run on a blocking thread. Errors as `Sandbox::exec`'s; the outer
+/// error is a blocking task that panicked.
+async fn start_runtime_exec(
+    sb: Arc<runtime::Sandbox>,
+    spec: runtime::ExecSpec,
+) -> Result<Result<runtime::Process, runtime::RuntimeError>, tokio::task::JoinError> {
+    let mut pending = match sb.exec_begin(spec) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    if pending.sent() {
+        // Readiness through a duplicate registered with tokio (already non-blocking).
+        let watched = pending
+            .reply_fd()
+            .map(|fd| fd.try_clone_to_owned())
+            .transpose()
+            .and_then(|fd| match fd {
+                Some(fd) => {
+                    tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+                        .map(Some)
+                }
+                None => Ok(None),
+            });
+        if let Ok(Some(sock)) = watched {
+            let deadline = tokio::time::Instant::now() + EXEC_START_WAIT;
+            loop {
+                match tokio::time::timeout_at(deadline, sock.readable()).await {
+                    Ok(Ok(())) => {}
+                    // Timed out or the registration failed: the blocking path decides.
+                    _ => break,
+                }
+                match pending.try_finish() {
+                    Ok(Ok(p)) => return Ok(Ok(p)),
+                    Ok(Err(p)) => {
+                        pending = p;
+                        // Spurious readiness: clear it (without reading: a seqpacket
+                        // read would eat the message) and wait again.
+                        let _ = sock.try_io(tokio::io::Interest::READABLE, || {
+                            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                        });
+                    }
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+        }
+    }
+    tokio::task::spawn_blocking(move || pending.finish_blocking()).await
+}
+
+/// How long an exec's start is awaited on the reactor before the blocking path (which has
+/// its own 30 s limit) takes over.
+const EXEC_START_WAIT: Duration = Duration::from_secs(5);
+
 /// The exec's exit (None if its report was lost: init died, so it was killed) and whether its
 /// timeout fired (then it was SIGKILLed). Readiness of the exit connection is awaited on the
 /// reactor; signal and resize stay possible meanwhile (no lock is held while waiting).
@@ -2132,13 +2187,7 @@ impl Daemon {
         let t0 = Instant::now();
         live.active_execs.fetch_add(1, Ordering::SeqCst);
         live.touch();
-        let started = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let r = sb.exec(spec);
-            tracing::debug!(us = t.elapsed().as_micros() as u64, "runtime exec");
-            r
-        })
-        .await;
+        let started = start_runtime_exec(sb, spec).await;
         tracing::debug!(
             us = t0.elapsed().as_micros() as u64,
             "exec started (with hop)"

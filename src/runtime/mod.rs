@@ -269,6 +269,25 @@ struct Inner {
 /// How long exec() waits for init to report that the process started.
 const EXEC_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Switch `O_NONBLOCK` on or off for the open file description of `fd` (shared by its dups).
+fn set_nonblocking(fd: &OwnedFd, on: bool) -> Result<(), RuntimeError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let err = |source| RuntimeError::Sys {
+        step: "set the exec connection's blocking mode",
+        source,
+    };
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(err)?);
+    let want = if on {
+        flags | OFlag::O_NONBLOCK
+    } else {
+        flags - OFlag::O_NONBLOCK
+    };
+    if want != flags {
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(want)).map_err(err)?;
+    }
+    Ok(())
+}
+
 fn set_recv_timeout(conn: &OwnedFd, t: Option<std::time::Duration>) -> Result<(), RuntimeError> {
     use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
     use nix::sys::time::{TimeVal, TimeValLike};
@@ -517,13 +536,6 @@ impl Sandbox {
         (self.inner.ids.base, self.inner.ids.count)
     }
 
-    /// Whether init is still running (its pidfd is not readable yet).
-    fn init_alive(&self) -> bool {
-        self.inner
-            .init_pidfd
-            .as_ref()
-            .is_some_and(|fd| !wait_readable_for(fd, 0))
-    }
     /// Whether the helper still runs (our child, or an adopted sandbox's recorded one).
     fn helper_alive(&self) -> bool {
         if let Some(c) = lock(&self.inner.helper).as_ref() {
@@ -678,6 +690,26 @@ impl Sandbox {
     }
 
     fn start(&self, spec: ExecSpec, entrypoint: bool) -> Result<Process, RuntimeError> {
+        self.begin(spec, entrypoint, false)?.finish_blocking()
+    }
+
+    /// Start `spec` without blocking the calling thread: the request goes to init over a
+    /// non-blocking connection and the reply is left to read. Wait until
+    /// [`PendingExec::reply_fd`] is readable (an event loop), then [`PendingExec::try_finish`].
+    /// When init's queue was full the request is not sent yet ([`PendingExec::sent`] is false):
+    /// then [`PendingExec::finish_blocking`] (on a thread that may block) does the rest.
+    pub fn exec_begin(&self, spec: ExecSpec) -> Result<PendingExec, RuntimeError> {
+        self.begin(spec, false, true)
+    }
+
+    /// Validate `spec`, make its pipes and the request; with `nonblocking`, also connect and
+    /// send (a connection that would block leaves the request unsent).
+    fn begin(
+        &self,
+        spec: ExecSpec,
+        entrypoint: bool,
+        nonblocking: bool,
+    ) -> Result<PendingExec, RuntimeError> {
         if lock(&self.inner.exit).is_some() {
             return Err(RuntimeError::Finished(self.inner.id.clone()));
         }
@@ -774,77 +806,19 @@ impl Sandbox {
             pty: spec.pty.map(|p| (p.rows, p.cols)),
             entrypoint,
         };
-        let oom_base = self.oom_kills();
-        let conn = connect(&self.inner.control_socket).map_err(|source| {
-            if lock(&self.inner.exit).is_some() || !self.inner.control_socket.exists() {
-                RuntimeError::Finished(self.inner.id.clone())
-            } else {
-                RuntimeError::Sys {
-                    step: "connect to the sandbox's init",
-                    source,
-                }
-            }
-        })?;
-        let raw: Vec<RawFd> = send.iter().map(|f| f.as_raw_fd()).collect();
-        proto::send(
-            conn.as_raw_fd(),
-            "exec request",
-            &proto::RequestRef::Exec(&req),
-            &raw,
-        )?;
-        drop(send);
-        // A start normally takes about a millisecond. Code in the sandbox can stall it (stop
-        // the child before execve, starve init of descriptors): never wait forever.
-        set_recv_timeout(&conn, Some(EXEC_START_TIMEOUT))?;
-        let received = proto::recv::<ExecEvent>(conn.as_raw_fd(), "exec started");
-        let (ev, mut fds) = match received {
-            Ok(Some(x)) => x,
-            Ok(None) if self.init_alive() => {
-                return Err(RuntimeError::Exec {
-                    argv0,
-                    step: "be accepted by init (it closed the connection: out of descriptors?)"
-                        .into(),
-                    errno: libc::ECONNRESET,
-                })
-            }
-            Ok(None) => return Err(RuntimeError::Finished(self.inner.id.clone())),
-            Err(proto::ProtoError::Recv(nix::Error::EAGAIN)) => {
-                return Err(RuntimeError::Exec {
-                    argv0,
-                    step: format!("start within {} s", EXEC_START_TIMEOUT.as_secs()),
-                    errno: libc::ETIMEDOUT,
-                })
-            }
-            Err(e) => return Err(e.into()),
+        let mut pending = PendingExec {
+            sandbox: self.inner.clone(),
+            req,
+            send,
+            conn: None,
+            keep,
+            oom_base: self.oom_kills(),
+            argv0,
         };
-        set_recv_timeout(&conn, None)?;
-        match ev {
-            ExecEvent::Started { pid } => {
-                let [stdin, stdout, stderr] = keep;
-                Ok(Process {
-                    pid,
-                    conn,
-                    stdin,
-                    stdout,
-                    stderr,
-                    pty: if req.pty.is_some() {
-                        fds.pop().map(File::from)
-                    } else {
-                        None
-                    },
-                    oom_base,
-                    sandbox: self.inner.clone(),
-                    exit: None,
-                    entrypoint,
-                })
-            }
-            ExecEvent::Failed { step, errno } => Err(RuntimeError::Exec { argv0, step, errno }),
-            ExecEvent::Exited { .. } | ExecEvent::Signalled => Err(RuntimeError::Exec {
-                argv0,
-                step: "start".into(),
-                errno: libc::EPROTO,
-            }),
+        if nonblocking {
+            pending.send_nonblocking()?;
         }
+        Ok(pending)
     }
 
     fn oom_kills(&self) -> u64 {
@@ -964,6 +938,15 @@ impl Inner {
             return Ok(()); // already torn down
         }
         cleanup.run()
+    }
+}
+
+impl Inner {
+    /// Whether init still runs (its pidfd is not readable yet).
+    fn init_alive(&self) -> bool {
+        self.init_pidfd
+            .as_ref()
+            .is_some_and(|fd| !wait_readable_for(fd, 0))
     }
 }
 
@@ -1092,6 +1075,202 @@ fn finish(
         errors.push(format!("release uid range {}: {e}", ids.slot));
     }
     errors
+}
+
+/// An exec on its way to init (see [`Sandbox::exec_begin`]).
+pub struct PendingExec {
+    sandbox: Arc<Inner>,
+    req: ExecRequest,
+    /// The child's ends of its stdio, sent with the request (then closed here).
+    send: Vec<OwnedFd>,
+    /// The connection the request went out on; `None` while unsent.
+    conn: Option<OwnedFd>,
+    keep: [Option<File>; 3],
+    oom_base: u64,
+    argv0: String,
+}
+
+impl std::fmt::Debug for PendingExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingExec")
+            .field("argv0", &self.argv0)
+            .field("sent", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl PendingExec {
+    /// Whether the request is with init (its reply is then awaited on [`Self::reply_fd`]).
+    pub fn sent(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// The connection to await readability on, once sent.
+    pub fn reply_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.conn.as_ref().map(|c| c.as_fd())
+    }
+
+    fn finished_err(&self) -> RuntimeError {
+        RuntimeError::Finished(self.sandbox.id.clone())
+    }
+
+    fn connect_err(&self, source: nix::Error) -> RuntimeError {
+        if lock(&self.sandbox.exit).is_some() || !self.sandbox.control_socket.exists() {
+            self.finished_err()
+        } else {
+            RuntimeError::Sys {
+                step: "connect to the sandbox's init",
+                source,
+            }
+        }
+    }
+
+    /// Connect and send without blocking; on EAGAIN (init's accept queue or the socket
+    /// buffer is full) the request stays unsent for [`Self::finish_blocking`].
+    fn send_nonblocking(&mut self) -> Result<(), RuntimeError> {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|source| RuntimeError::Sys {
+            step: "create the exec connection",
+            source,
+        })?;
+        let addr = UnixAddr::new(&self.sandbox.control_socket)
+            .map_err(|source| self.connect_err(source))?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {}
+            Err(nix::Error::EAGAIN) => return Ok(()),
+            Err(source) => return Err(self.connect_err(source)),
+        }
+        let raw: Vec<RawFd> = self.send.iter().map(|f| f.as_raw_fd()).collect();
+        match proto::send(
+            fd.as_raw_fd(),
+            "exec request",
+            &proto::RequestRef::Exec(&self.req),
+            &raw,
+        ) {
+            Ok(()) => {}
+            // A seqpacket message goes whole or not at all: nothing was sent.
+            Err(proto::ProtoError::Send {
+                source: nix::Error::EAGAIN,
+                ..
+            }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        self.send.clear();
+        self.conn = Some(fd);
+        Ok(())
+    }
+
+    /// Read init's reply if it is there: `Ok(Err(self))` when not yet (await readability
+    /// again). Call only once sent.
+    pub fn try_finish(self) -> Result<Result<Process, PendingExec>, RuntimeError> {
+        let Some(conn) = &self.conn else {
+            return Ok(Err(self));
+        };
+        match proto::recv::<ExecEvent>(conn.as_raw_fd(), "exec started") {
+            Err(proto::ProtoError::Recv(nix::Error::EAGAIN)) => Ok(Err(self)),
+            received => {
+                // The Process's connection blocks, as one from `exec` does.
+                set_nonblocking(conn, false)?;
+                self.complete(received).map(Ok)
+            }
+        }
+    }
+
+    /// Finish on a thread that may block: connect and send if not done yet, then wait for
+    /// the reply (at most [`EXEC_START_TIMEOUT`]).
+    pub fn finish_blocking(mut self) -> Result<Process, RuntimeError> {
+        let conn = match self.conn.take() {
+            Some(c) => {
+                set_nonblocking(&c, false)?;
+                c
+            }
+            None => {
+                let conn = connect(&self.sandbox.control_socket)
+                    .map_err(|source| self.connect_err(source))?;
+                let raw: Vec<RawFd> = self.send.iter().map(|f| f.as_raw_fd()).collect();
+                proto::send(
+                    conn.as_raw_fd(),
+                    "exec request",
+                    &proto::RequestRef::Exec(&self.req),
+                    &raw,
+                )?;
+                self.send.clear();
+                conn
+            }
+        };
+        // A start normally takes about a millisecond. Code in the sandbox can stall it (stop
+        // the child before execve, starve init of descriptors): never wait forever.
+        set_recv_timeout(&conn, Some(EXEC_START_TIMEOUT))?;
+        let received = proto::recv::<ExecEvent>(conn.as_raw_fd(), "exec started");
+        set_recv_timeout(&conn, None)?;
+        self.conn = Some(conn);
+        self.complete(received)
+    }
+
+    /// The reply (or its absence) as a started process or the error.
+    #[allow(clippy::type_complexity)]
+    fn complete(
+        mut self,
+        received: Result<Option<(ExecEvent, Vec<OwnedFd>)>, proto::ProtoError>,
+    ) -> Result<Process, RuntimeError> {
+        let argv0 = std::mem::take(&mut self.argv0);
+        let (ev, mut fds) = match received {
+            Ok(Some(x)) => x,
+            Ok(None) if self.sandbox.init_alive() => {
+                return Err(RuntimeError::Exec {
+                    argv0,
+                    step: "be accepted by init (it closed the connection: out of descriptors?)"
+                        .into(),
+                    errno: libc::ECONNRESET,
+                })
+            }
+            Ok(None) => return Err(self.finished_err()),
+            Err(proto::ProtoError::Recv(nix::Error::EAGAIN)) => {
+                return Err(RuntimeError::Exec {
+                    argv0,
+                    step: format!("start within {} s", EXEC_START_TIMEOUT.as_secs()),
+                    errno: libc::ETIMEDOUT,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(conn) = self.conn.take() else {
+            return Err(self.finished_err());
+        };
+        match ev {
+            ExecEvent::Started { pid } => {
+                let [stdin, stdout, stderr] = std::mem::take(&mut self.keep);
+                Ok(Process {
+                    pid,
+                    conn,
+                    stdin,
+                    stdout,
+                    stderr,
+                    pty: if self.req.pty.is_some() {
+                        fds.pop().map(File::from)
+                    } else {
+                        None
+                    },
+                    oom_base: self.oom_base,
+                    sandbox: self.sandbox.clone(),
+                    exit: None,
+                    entrypoint: self.req.entrypoint,
+                })
+            }
+            ExecEvent::Failed { step, errno } => Err(RuntimeError::Exec { argv0, step, errno }),
+            ExecEvent::Exited { .. } | ExecEvent::Signalled => Err(RuntimeError::Exec {
+                argv0,
+                step: "start".into(),
+                errno: libc::EPROTO,
+            }),
+        }
+    }
 }
 
 /// A process started in a sandbox.
