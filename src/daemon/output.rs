@@ -100,17 +100,6 @@ impl Spool {
                 "attach to an empty stream",
             ));
         };
-        let mut out = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Internal,
-                    format!("create output spool {}: {e}", path.display()),
-                )
-            })?;
         set_nonblocking(&src)?;
         // `unchecked`: a pty master is not a FIFO but polls the same way.
         let mut rd = Receiver::from_file_unchecked(src).map_err(|e| {
@@ -121,6 +110,10 @@ impl Spool {
         })?;
         let s = self.clone();
         tokio::spawn(async move {
+            // The file is made when the first bytes come: most short commands print nothing,
+            // and creating (and later deleting) two inodes per exec is a good part of an exec's
+            // cost on ext4. Readers open it only once `len` says there are bytes.
+            let mut out: Option<File> = None;
             let mut buf = vec![0u8; CHUNK];
             let mut read_to = s.read_to.subscribe();
             loop {
@@ -139,8 +132,25 @@ impl Spool {
                 if n == 0 {
                     break;
                 }
-                if let Err(e) = out.write_all(&buf[..n]) {
-                    tracing::error!(error = %e, "output spool write failed; stream ends here");
+                if out.is_none() {
+                    match std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .open(&path)
+                    {
+                        Ok(f) => out = Some(f),
+                        Err(e) => {
+                            tracing::error!(spool = %path.display(), error = %e,
+                                "create an output spool; the stream ends here");
+                            break;
+                        }
+                    }
+                }
+                let Some(f) = out.as_mut() else { break };
+                if let Err(e) = f.write_all(&buf[..n]) {
+                    tracing::error!(spool = %path.display(), error = %e,
+                        "output spool write failed; the stream ends here");
                     break;
                 }
                 s.state.send_modify(|st| st.len += n as u64);
