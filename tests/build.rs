@@ -677,3 +677,59 @@ async fn concurrent_builds_of_one_recipe_agree() {
     drop(c);
     d.finish().await;
 }
+
+/// Modal's `Sandbox.create(image=recipe)`: the client library builds the recipe first,
+/// streaming the build to the caller, then starts the sandbox from the result; the second
+/// create of the same recipe finds every step cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_with_a_recipe_builds_it_first_and_streams_the_build() {
+    use sbx::client::Image;
+    use std::sync::{Arc, Mutex};
+    let d = TestDaemon::start("create-recipe").await;
+    let c = d.client().await;
+    let recipe = Image::host()
+        .env([("GREETING", "from the recipe")])
+        .run_commands(["echo building now; echo \"$GREETING\" > /home/greeting"]);
+    let seen: Arc<Mutex<Vec<BuildEvent>>> = Arc::default();
+    let log = seen.clone();
+    let sb = Sandbox::create(
+        &c,
+        CreateSandbox::default()
+            .with_image(recipe.clone())
+            .on_build(move |ev| log.lock().unwrap().push(ev.clone())),
+    )
+    .await
+    .expect("create from a recipe");
+    assert_eq!(
+        run_ok(&sb, &["cat", "/home/greeting"]).await,
+        "from the recipe\n"
+    );
+    let events = seen.lock().unwrap().clone();
+    assert_eq!(steps(&events), vec![(0, false), (1, false)], "{events:?}");
+    assert!(
+        output(&events, "stdout").contains("building now"),
+        "{events:?}"
+    );
+    terminate(sb).await;
+
+    // Again: nothing runs, every step says cached.
+    let seen: Arc<Mutex<Vec<BuildEvent>>> = Arc::default();
+    let log = seen.clone();
+    let sb = Sandbox::create(
+        &c,
+        CreateSandbox::default()
+            .with_image(recipe)
+            .on_build(move |ev| log.lock().unwrap().push(ev.clone())),
+    )
+    .await
+    .expect("create from the cached recipe");
+    let events = seen.lock().unwrap().clone();
+    assert_eq!(steps(&events), vec![(0, true), (1, true)], "{events:?}");
+    assert_eq!(output(&events, "stdout"), "", "{events:?}");
+    assert_eq!(
+        run_ok(&sb, &["cat", "/home/greeting"]).await,
+        "from the recipe\n"
+    );
+    terminate(sb).await;
+    d.finish().await;
+}

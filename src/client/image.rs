@@ -427,13 +427,21 @@ impl Image {
 
     /// The image reference `create` should use: the reference itself when there is nothing
     /// to build, else the id of the built recipe.
-    pub(crate) async fn resolve(&self, client: &Client) -> Result<String> {
+    pub(crate) async fn resolve(
+        &self,
+        client: &Client,
+        on_build: Option<&BuildCallback>,
+    ) -> Result<String> {
         if let (From::Reference(r), true, None, None) =
             (&self.from, self.steps.is_empty(), &self.tag, &self.error)
         {
             return Ok(r.clone());
         }
-        Ok(self.build(client).await?.id)
+        let built = match on_build {
+            Some(f) => self.build_with(client, |ev| f(ev)).await?,
+            None => self.build(client).await?,
+        };
+        Ok(built.id)
     }
 
     /// Pulls (or imports) `reference` into sbxd's store, handing every [`PullEvent`] to
@@ -483,7 +491,7 @@ impl Image {
     /// Writes the image (built first if the recipe has steps) into an OCI layout:
     /// `destination` is `oci:/absolute/path[:TAG]`. Images built on `host` cannot be exported.
     pub async fn export(&self, client: &Client, destination: &str) -> Result<ExportResult> {
-        let image = self.resolve(client).await?;
+        let image = self.resolve(client, None).await?;
         client
             .json(
                 Method::POST,
@@ -595,17 +603,34 @@ impl CreateSandbox {
         NewSandbox {
             params: self,
             image: Some(image),
+            on_build: None,
         }
     }
 }
 
+/// Hears every [`BuildEvent`] of the build a create starts for its recipe.
+pub type BuildCallback = std::sync::Arc<dyn Fn(&BuildEvent) + Send + Sync>;
+
 /// What [`Sandbox::create`](super::Sandbox::create) takes: the parameters, and optionally an
 /// [`Image`] recipe (then `params.image` must be `None`). A plain [`CreateSandbox`] converts
 /// into it, and so does an [`Image`] (with default parameters).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct NewSandbox {
     pub params: CreateSandbox,
     pub image: Option<Image>,
+    /// Where the recipe's build output goes while `create` builds it; see
+    /// [`NewSandbox::on_build`] and [`NewSandbox::print_build_output`].
+    pub on_build: Option<BuildCallback>,
+}
+
+impl std::fmt::Debug for NewSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSandbox")
+            .field("params", &self.params)
+            .field("image", &self.image)
+            .field("on_build", &self.on_build.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 impl std::convert::From<CreateSandbox> for NewSandbox {
@@ -613,6 +638,7 @@ impl std::convert::From<CreateSandbox> for NewSandbox {
         NewSandbox {
             params,
             image: None,
+            on_build: None,
         }
     }
 }
@@ -622,14 +648,51 @@ impl std::convert::From<Image> for NewSandbox {
         NewSandbox {
             params: CreateSandbox::default(),
             image: Some(image),
+            on_build: None,
         }
     }
 }
 
 impl NewSandbox {
+    /// Hand every event of the recipe's build (steps, cached or not, RUN output as it comes)
+    /// to `f` while `create` builds it.
+    pub fn on_build(mut self, f: impl Fn(&BuildEvent) + Send + Sync + 'static) -> NewSandbox {
+        self.on_build = Some(std::sync::Arc::new(f));
+        self
+    }
+
+    /// Stream the recipe's build to stderr while `create` builds it, as `sbx image build`
+    /// shows it: `Step i/n: TEXT`, ` ---> cached`, the RUN output.
+    pub fn print_build_output(self) -> NewSandbox {
+        self.on_build(|ev| {
+            use std::io::Write as _;
+            let mut err = std::io::stderr().lock();
+            let _ = match ev {
+                BuildEvent::Step {
+                    index,
+                    total,
+                    text,
+                    cached,
+                } => {
+                    let r = writeln!(err, "Step {}/{total}: {text}", index + 1);
+                    if *cached {
+                        let _ = writeln!(err, " ---> cached");
+                    }
+                    r
+                }
+                BuildEvent::Output { data, .. } => write!(err, "{data}"),
+                _ => Ok(()),
+            };
+        })
+    }
+
     /// The create request, the recipe built first when it has steps.
     pub(crate) async fn request(self, client: &Client) -> Result<CreateSandbox> {
-        let NewSandbox { mut params, image } = self;
+        let NewSandbox {
+            mut params,
+            image,
+            on_build,
+        } = self;
         if let Some(image) = image {
             if let Some(given) = &params.image {
                 return Err(Error::Invalid(format!(
@@ -637,7 +700,7 @@ impl NewSandbox {
                      give one"
                 )));
             }
-            params.image = Some(image.resolve(client).await?);
+            params.image = Some(image.resolve(client, on_build.as_ref()).await?);
         }
         Ok(params)
     }

@@ -58,7 +58,7 @@ mod image;
 mod stream;
 mod transport;
 
-pub use image::{is_image_id, BuiltImage, Image, NewSandbox};
+pub use image::{is_image_id, BuildCallback, BuiltImage, Image, NewSandbox};
 pub use stream::{EventStream, StreamReader, StreamWriter};
 
 pub use crate::api::images::{
