@@ -64,6 +64,14 @@ pub enum CommitError {
     Changed { path: PathBuf, reason: String },
     #[error("{path} cannot be put in a layer: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    #[error(
+        "{path}: the layer would exceed its limit of {limit} {what} (a layer must stay applicable)"
+    )]
+    TooLarge {
+        path: PathBuf,
+        what: &'static str,
+        limit: u64,
+    },
     #[error("image {parent} is not layered on the host image: an image derived from it cannot be (host_base was asked)")]
     HostBaseMismatch { parent: ImageId },
     #[error("layer {digest} is not in the store (make it with layer_from_upper or layer_from_context first)")]
@@ -388,10 +396,30 @@ pub fn layer_from_upper(
         id_base,
         id_count,
         links: HashMap::new(),
+        limits: crate::apply::ApplyOptions::default(),
+        entries: 0,
+        bytes: 0,
+        depth: 0,
     };
-    walk.dir(root.as_fd(), b"")?;
-    walk.sink.finish()
+    // The walk recurses once per directory level: on its own thread with a stack sized for
+    // MAX_DEPTH levels (debug builds' frames included), not the caller's (2 MiB for tokio's
+    // blocking threads).
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("sbx-commit".into())
+            .stack_size(WALK_STACK)
+            .spawn_scoped(scope, move || {
+                walk.dir(root.as_fd(), b"")?;
+                walk.sink.finish()
+            })
+            .map_err(io_err("start the commit thread for", upper))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
+
+/// Stack of the thread that walks an upper dir.
+const WALK_STACK: usize = 64 << 20;
 
 struct UpperWalk {
     sink: LayerSink,
@@ -400,7 +428,18 @@ struct UpperWalk {
     id_count: u32,
     /// (dev, ino) of files with more than one link → the tar path of the first one written.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// The applier's caps (bytes, entries, path length): a layer past them could never be
+    /// applied, and a sandbox could otherwise keep a snapshot busy without end (a sparse
+    /// file of terabytes, a tree that grows ahead of the walk).
+    limits: crate::apply::ApplyOptions,
+    entries: u64,
+    bytes: u64,
+    /// Directories open on the way down (one descriptor each).
+    depth: usize,
 }
+
+/// Deepest directory nesting a snapshot follows (one open descriptor per level).
+const MAX_DEPTH: usize = 256;
 
 /// What happened to one name of the upper.
 enum Step {
@@ -590,6 +629,21 @@ impl UpperWalk {
         let mut rel = prefix.to_vec();
         rel.extend_from_slice(name);
         let path = self.host_path(&rel);
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(CommitError::TooLarge {
+                path,
+                what: "entries",
+                limit: self.limits.max_entries,
+            });
+        }
+        if rel.len() >= self.limits.max_path_len {
+            return Err(CommitError::TooLarge {
+                path,
+                what: "bytes of path",
+                limit: self.limits.max_path_len as u64,
+            });
+        }
         let name_os = OsStr::from_bytes(name);
         let st = match rfs::statat(dir, name_os, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -632,7 +686,17 @@ impl UpperWalk {
                     };
                     self.sink.tar.header(&marker, &mm)?;
                 }
-                self.dir(fd.as_fd(), &rel)?;
+                if self.depth >= MAX_DEPTH {
+                    return Err(CommitError::TooLarge {
+                        path,
+                        what: "nested directories",
+                        limit: MAX_DEPTH as u64,
+                    });
+                }
+                self.depth += 1;
+                let r = self.dir(fd.as_fd(), &rel);
+                self.depth -= 1;
+                r?;
             }
             FileType::RegularFile => {
                 // O_NONBLOCK: a fifo swapped in must not block the open.
@@ -662,6 +726,15 @@ impl UpperWalk {
                 }
                 let mut m = self.meta(&st, kind::FILE);
                 m.size = st.st_size as u64;
+                // Checked on the size before reading: a sparse file of terabytes fails at once.
+                self.bytes = self.bytes.saturating_add(m.size);
+                if self.bytes > self.limits.max_total_bytes {
+                    return Err(CommitError::TooLarge {
+                        path,
+                        what: "bytes of file data",
+                        limit: self.limits.max_total_bytes,
+                    });
+                }
                 m.xattrs = self.xattrs(fd.as_fd(), true, &path)?;
                 self.sink.tar.header(&rel, &m)?;
                 let mut file = File::from(fd);

@@ -691,3 +691,59 @@ fn a_committed_layer_hashes_what_it_stores() {
     assert_eq!(find(&e, "big").data, big);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A sandbox cannot keep a snapshot busy or make a layer no sandbox could start from: a sparse
+/// file past the layer's byte cap fails at once (nothing is read), and so does a directory
+/// nesting past the depth cap; nothing is left in the store.
+#[test]
+fn an_upper_past_the_layer_limits_fails_fast_with_the_limit_named() {
+    let dir = tmp("limits");
+    let store = Store::new(dir.join("store")).unwrap();
+    let up = dir.join("upper");
+    mkdir(&up, 0o755, BASE);
+    let huge = up.join("huge");
+    fs::File::create(&huge)
+        .unwrap()
+        .set_len(ApplyOptions::default().max_total_bytes + 1)
+        .unwrap();
+    let t = std::time::Instant::now();
+    let e = commit::layer_from_upper(&store, &up, BASE, COUNT).unwrap_err();
+    assert!(
+        matches!(&e, CommitError::TooLarge { path, what, .. } if path.ends_with("huge") && what.contains("bytes")),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    fs::remove_file(&huge).unwrap();
+
+    // 250 levels (under the cap of 256) commit; 300 do not.
+    let mut deep = up.clone();
+    for _ in 0..250 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    commit::layer_from_upper(&store, &up, BASE, COUNT).expect("250 nested directories");
+    for e in fs::read_dir(dir.join("store/blobs/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        fs::remove_file(e.path()).unwrap();
+    }
+    for _ in 250..300 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let e = commit::layer_from_upper(&store, &up, BASE, COUNT).unwrap_err();
+    assert!(
+        matches!(&e, CommitError::TooLarge { what, .. } if what.contains("nested")),
+        "{e}"
+    );
+    let blobs: Vec<_> = fs::read_dir(dir.join("store/blobs/sha256"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(blobs.is_empty(), "a failed commit left blobs: {blobs:?}");
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -21,7 +21,6 @@ use super::ApiError;
 
 /// `POST /v1/images/pull`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PullImage {
     /// A registry reference (`[REGISTRY/]REPO[:TAG|@sha256:…]`), `oci:PATH[:TAG]` or
     /// `docker-archive:PATH` (imported).
@@ -33,7 +32,7 @@ pub struct PullImage {
 // boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
 pub enum PullEvent {
     /// A layer is about to be fetched; `size` is the blob's size in bytes.
     LayerStarted { digest: String, size: u64 },
@@ -101,7 +100,6 @@ pub struct ImageConfigInfo {
 
 /// `POST /v1/images/export`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ExportImage {
     /// An `im-…` id or a reference the store has.
     pub image: String,
@@ -120,7 +118,6 @@ pub struct ExportResult {
 
 /// `POST /v1/images/build`: a base and steps, each cached by its parent image and itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BuildImage {
     /// `host` or any image reference `create` accepts (pulled or imported when missing).
     pub base: String,
@@ -141,7 +138,7 @@ pub struct BuildImage {
 
 /// One build step (a Dockerfile instruction after FROM).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
 pub enum BuildStep {
     /// Run argv in a sandbox of the image so far; its filesystem changes become a layer.
     /// The shell form is `["/bin/sh", "-c", CMD]`.
@@ -170,7 +167,7 @@ pub enum BuildStep {
 /// One line of a build's stream.
 #[allow(clippy::large_enum_variant)] // as PullEvent
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
 pub enum BuildEvent {
     /// Step `index` (0-based) of `total` begins; `cached` when its result is reused.
     Step {

@@ -159,14 +159,12 @@ impl std::fmt::Display for ErrorCode {
 
 /// `{"error": {...}}`: the body of every failed call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     pub error: ApiError,
 }
 
 /// A failure: its code and a message naming the offending value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
@@ -217,7 +215,6 @@ pub struct Health {
 
 /// A readiness probe: exactly one of `tcp_port` / `exec_argv`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Probe {
     /// Ready when a TCP connect to this port inside the sandbox succeeds (1..=65535).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,7 +229,6 @@ pub struct Probe {
 
 /// A named volume mounted at `path` (created on first use, kept under the state dir).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VolumeMount {
     /// `^[A-Za-z0-9._-]+$`, shorter than 64 characters.
     pub name: String,
@@ -244,7 +240,7 @@ pub struct VolumeMount {
 
 /// Where a secret comes from: a named secret (`sbx secret create`) or an inline map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case")]
 pub enum SecretSource {
     Named(String),
     Inline(BTreeMap<String, String>),
@@ -252,7 +248,7 @@ pub enum SecretSource {
 
 /// `POST /v1/sandboxes`. Every field is optional.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct CreateSandbox {
     /// `host` (default), `dir:/abs/rootfs`, `im-<24 hex>` (sbxd's store), `oci:/abs/layout[:TAG]`,
     /// `docker-archive:/abs/file.tar`, or a registry reference (`busybox`,
@@ -415,7 +411,7 @@ pub struct SandboxSummary {
 
 /// `POST …/terminate`.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Terminate {
     /// Reply only once it has finished (the reply then carries the returncode).
     pub wait: bool,
@@ -430,7 +426,6 @@ pub struct WaitResult {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WaitUntilReady {
     /// Seconds, > 0 (Modal's default is 300).
     pub timeout_secs: f64,
@@ -443,7 +438,6 @@ pub struct Ready {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Tags {
     pub tags: BTreeMap<String, String>,
 }
@@ -462,7 +456,6 @@ pub enum StreamMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PtySize {
     pub rows: u16,
     pub cols: u16,
@@ -470,7 +463,7 @@ pub struct PtySize {
 
 /// `POST …/execs`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ExecRequest {
     /// Client-chosen id (`^[A-Za-z0-9._-]{1,63}$`, e.g. a UUID): a retry with the same id starts
     /// nothing new and returns the first exec. Absent: sbxd picks `ex-…`.
@@ -530,7 +523,6 @@ pub struct StdinAck {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SignalRequest {
     /// A signal number (1..=64): sent to the process and its process group.
     pub signal: i32,
@@ -568,7 +560,6 @@ pub struct FileInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Mkdir {
     pub path: String,
     /// Create missing parents and succeed if it exists (default true).
@@ -582,7 +573,7 @@ fn yes() -> bool {
 
 /// `POST /v1/secrets`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct CreateSecret {
     /// `^[A-Za-z0-9._-]+$`, shorter than 64 characters.
     pub name: String,
@@ -653,11 +644,17 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_rejected() {
-        let e = serde_json::from_str::<CreateSandbox>(r#"{"imgae":"host"}"#).unwrap_err();
-        assert!(e.to_string().contains("imgae"), "{e}");
-        let ok: CreateSandbox = serde_json::from_str(r#"{"image":"host"}"#).unwrap();
+    fn fields_a_newer_sbxd_adds_do_not_break_an_older_client() {
+        // sbxd refuses unknown request fields itself (server::parse); the types accept them so
+        // that replies carrying fields added later (a create's `config`) still parse.
+        let ok: CreateSandbox =
+            serde_json::from_str(r#"{"image":"host","added_later":true}"#).unwrap();
         assert_eq!(ok.image.as_deref(), Some("host"));
+        let e: ErrorBody = serde_json::from_str(
+            r#"{"error":{"code":"invalid","message":"m","details":{}},"request_id":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.error.code, ErrorCode::Invalid);
     }
 
     #[test]

@@ -472,6 +472,10 @@ async fn run_build(
         if let BuildStep::Run { .. } = &step {
             extra = serde_json::to_string(&scope.args).unwrap_or_default();
         }
+        if let BuildStep::Entrypoint { .. } = &step {
+            // ENTRYPOINT clears a Cmd inherited from the base, not one this build set.
+            extra = format!("cmd_set={}", scope.cmd_set);
+        }
         let key = cache_key(&cur.key_part(), &step, &extra);
         let gate = key_gate(&key);
         let _held = gate.lock().await;
@@ -777,7 +781,7 @@ async fn run_and_commit(
     let here_s = here.to_string();
     let started = tokio::task::spawn_blocking(move || {
         let (uid, gid) = match &user {
-            Some(u) => resolve_user(&s.fs(), u).map_err(|e| {
+            Some(u) => super::resolve_user(&s, u).map_err(|e| {
                 ApiError::new(ErrorCode::Invalid, format!("{here_s}: USER {u}: {e}"))
             })?,
             None => (0, 0),
@@ -945,62 +949,6 @@ async fn pump(stream: &'static str, f: std::fs::File, tx: mpsc::Sender<BuildEven
             open = false;
         }
     }
-}
-
-/// `NAME`, `UID`, `NAME:GROUP`, `UID:GID` → numeric ids, names looked up in the image's
-/// /etc/passwd and /etc/group (read inside the sandbox).
-fn resolve_user(fs: &runtime::SandboxFs, user: &str) -> Result<(u32, u32), String> {
-    let read = |path: &str| -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Ok(mut f) = fs.read_file(path) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    };
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let passwd = read("/etc/passwd");
-    let entries: Vec<Vec<&str>> = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .filter(|f| f.len() >= 4)
-        .collect();
-    let (uid, primary) = match u.parse::<u32>() {
-        Ok(uid) => (
-            uid,
-            entries
-                .iter()
-                .find(|f| f[2].parse::<u32>() == Ok(uid))
-                .and_then(|f| f[3].parse::<u32>().ok())
-                .unwrap_or(0),
-        ),
-        Err(_) => {
-            let f = entries
-                .iter()
-                .find(|f| f[0] == u)
-                .ok_or_else(|| format!("no user {u:?} in the image's /etc/passwd"))?;
-            let uid = f[2]
-                .parse()
-                .map_err(|_| format!("user {u:?} has no numeric uid in /etc/passwd"))?;
-            (uid, f[3].parse().unwrap_or(0))
-        }
-    };
-    let gid = match g {
-        None => primary,
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => read("/etc/group")
-                .lines()
-                .map(|l| l.split(':').collect::<Vec<_>>())
-                .find(|f| f.len() >= 3 && f[0] == g)
-                .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| format!("no group {g:?} in the image's /etc/group"))?,
-        },
-    };
-    Ok((uid, gid))
 }
 
 /// `path` taken relative to `base` (default `/`), normalized (`.`, `..` and repeated `/`

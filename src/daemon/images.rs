@@ -337,9 +337,25 @@ fn users_of(d: &Daemon, id: &ImageId) -> Vec<String> {
     v
 }
 
+/// How long an image removal waits for the store's writers to finish.
+const GC_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn remove(State(d): D, Path(reference): Path<String>) -> R<StatusCode> {
-    // Exclusive: no pull, import, snapshot or build is storing blobs meanwhile.
-    let _gc = d.image_gc.write().await;
+    // Exclusive: no pull, import, snapshot or build is storing blobs meanwhile. Bounded: a
+    // waiting writer holds back every new reader (tokio's lock is fair), and a build step may
+    // hold a reader for as long as its RUN runs.
+    let _gc = match tokio::time::timeout(GC_LOCK_WAIT, d.image_gc.write()).await {
+        Ok(g) => g,
+        Err(_) => {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "cannot remove image {reference:?} now: a pull, import, build or snapshot                      is writing to the image store; try again when it is done"
+                ),
+            )
+            .into())
+        }
+    };
     let store = open_store(&d)?;
     let tags = store.list_tags().map_err(store_err("list image tags"))?;
     // By id: the image and all its references. By reference: that reference, and the image
@@ -532,7 +548,8 @@ async fn export(State(d): D, body: Bytes) -> R<Json<ExportResult>> {
         Ok(_) => return Err(bad_dest("must be oci:/absolute/path[:TAG]").into()),
         Err(e) => return Err(bad_dest(&e.reason).into()),
     };
-    let _reading = d.image_gc.read().await;
+    // Owned, and moved into the blocking work: it outlives a client that hangs up.
+    let reading = d.image_gc.clone().read_owned().await;
     let store = open_store(&d)?;
     let rec = find_image(&store, &req.image)?;
     if rec.host_base {
@@ -546,6 +563,7 @@ async fn export(State(d): D, body: Bytes) -> R<Json<ExportResult>> {
     let destination = format!("oci:{}:{tag}", path.display());
     let (id, p, t) = (rec.id.to_string(), path.clone(), tag.clone());
     let digest = tokio::task::spawn_blocking(move || {
+        let _reading = reading;
         rootfs_fetch::oci::export_oci_layout(&store, &rec, &p, &t)
     })
     .await
@@ -583,7 +601,8 @@ async fn snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
             format!("sandbox {id} has finished: cannot snapshot"),
         )
     })?;
-    let _writing = d.image_gc.read().await;
+    // Owned, and moved into the blocking work: it outlives a client that hangs up.
+    let writing = d.image_gc.clone().read_owned().await;
     let store = open_store(&d)?;
     let (parent, host_base) = match live.image_ref.get() {
         Some(runtime::ImageRef::Stored(i)) => {
@@ -616,6 +635,7 @@ async fn snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
     let sid = id.clone();
     let started = Instant::now();
     let rec = tokio::task::spawn_blocking(move || {
+        let _writing = writing;
         let (base, count) = sb.id_range();
         let upper = sb.upper_dir();
         let layer = rootfs_fetch::commit::layer_from_upper(&store, &upper, base, count)

@@ -159,10 +159,23 @@ async fn start_runtime_exec(
                     Ok(Ok(p)) => return Ok(Ok(p)),
                     Ok(Err(p)) => {
                         pending = p;
-                        // Spurious readiness: clear it (without reading: a seqpacket
-                        // read would eat the message) and wait again.
+                        // Spurious readiness: clear it and wait again — unless a reply came
+                        // since the receive above (peeked, not read: a seqpacket read would
+                        // eat it), which must keep its wake-up.
                         let _ = sock.try_io(tokio::io::Interest::READABLE, || {
-                            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                            use nix::sys::socket::{recv, MsgFlags};
+                            use std::os::fd::AsRawFd;
+                            let mut b = [0u8; 1];
+                            match recv(
+                                sock.as_raw_fd(),
+                                &mut b,
+                                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                            ) {
+                                Err(nix::Error::EAGAIN) => {
+                                    Err(std::io::ErrorKind::WouldBlock.into())
+                                }
+                                _ => Ok(()),
+                            }
                         });
                     }
                     Err(e) => return Ok(Err(e)),
@@ -339,7 +352,7 @@ pub struct Daemon {
     /// Held shared by everything that writes blobs or records into the image store (pulls,
     /// imports, snapshots, builds) and exclusively by the garbage collection after an image
     /// removal, so it never deletes a blob a write has stored but not yet recorded.
-    pub(crate) image_gc: tokio::sync::RwLock<()>,
+    pub(crate) image_gc: Arc<tokio::sync::RwLock<()>>,
 }
 
 type StoreJob = Box<dyn FnOnce(&Store) + Send>;
@@ -951,7 +964,7 @@ impl Daemon {
             cgroup_version,
             supervisors: tokio::sync::watch::Sender::new(0),
             resolving: Mutex::new(HashMap::new()),
-            image_gc: tokio::sync::RwLock::new(()),
+            image_gc: Arc::new(tokio::sync::RwLock::new(())),
         });
         d.sweep();
         Ok(d)

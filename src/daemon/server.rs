@@ -49,8 +49,25 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(
         return serde_json::from_slice(b"{}")
             .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("{what}: empty body: {e}")));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("invalid {what} body: {e}")))
+    // Unknown fields are refused here, not by the types: the wire types accept fields they do
+    // not know so that a client reading a newer sbxd's replies keeps working.
+    let bad = |e: serde_json::Error| {
+        ApiError::new(ErrorCode::Invalid, format!("invalid {what} body: {e}"))
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let mut unknown: Option<String> = None;
+    let v: T = serde_ignored::deserialize(&mut de, |path| {
+        unknown.get_or_insert_with(|| path.to_string());
+    })
+    .map_err(bad)?;
+    de.end().map_err(bad)?;
+    if let Some(field) = unknown {
+        return Err(ApiError::new(
+            ErrorCode::Invalid,
+            format!("invalid {what} body: unknown field `{field}`"),
+        ));
+    }
+    Ok(v)
 }
 
 /// Percent-decoding (`+` stays a `+`); None when the result is not UTF-8.

@@ -812,20 +812,34 @@ impl Sandbox {
             send,
             conn: None,
             keep,
-            oom_base: self.oom_kills(),
+            // On the async path the cgroup lock may be held by a kill (seconds): then the
+            // count is taken on the blocking path instead, and nothing is sent from here.
+            oom_base: if nonblocking {
+                self.try_oom_kills()
+            } else {
+                Some(self.oom_kills())
+            },
             argv0,
         };
-        if nonblocking {
+        if nonblocking && pending.oom_base.is_some() {
             pending.send_nonblocking()?;
         }
         Ok(pending)
     }
 
     fn oom_kills(&self) -> u64 {
-        lock(&self.inner.cgroup)
-            .as_ref()
-            .map(|c| c.oom_kills())
-            .unwrap_or(0)
+        self.inner.oom_kills()
+    }
+
+    /// [`Self::oom_kills`] unless the cgroup lock is busy (a kill or teardown holds it).
+    fn try_oom_kills(&self) -> Option<u64> {
+        match self.inner.cgroup.try_lock() {
+            Ok(g) => Some(g.as_ref().map(|c| c.oom_kills()).unwrap_or(0)),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                Some(p.into_inner().as_ref().map(|c| c.oom_kills()).unwrap_or(0))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Send `sig` to the sandbox's init, which forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1
@@ -942,6 +956,14 @@ impl Inner {
 }
 
 impl Inner {
+    /// OOM kills in the sandbox's cgroup so far (0 without a cgroup).
+    fn oom_kills(&self) -> u64 {
+        lock(&self.cgroup)
+            .as_ref()
+            .map(|c| c.oom_kills())
+            .unwrap_or(0)
+    }
+
     /// Whether init still runs (its pidfd is not readable yet).
     fn init_alive(&self) -> bool {
         self.init_pidfd
@@ -1086,7 +1108,8 @@ pub struct PendingExec {
     /// The connection the request went out on; `None` while unsent.
     conn: Option<OwnedFd>,
     keep: [Option<File>; 3],
-    oom_base: u64,
+    /// OOM kills before the start; `None` until read (then on the blocking path).
+    oom_base: Option<u64>,
     argv0: String,
 }
 
@@ -1185,6 +1208,9 @@ impl PendingExec {
     /// Finish on a thread that may block: connect and send if not done yet, then wait for
     /// the reply (at most [`EXEC_START_TIMEOUT`]).
     pub fn finish_blocking(mut self) -> Result<Process, RuntimeError> {
+        if self.oom_base.is_none() {
+            self.oom_base = Some(self.sandbox.oom_kills());
+        }
         let conn = match self.conn.take() {
             Some(c) => {
                 set_nonblocking(&c, false)?;
@@ -1257,7 +1283,7 @@ impl PendingExec {
                     } else {
                         None
                     },
-                    oom_base: self.oom_base,
+                    oom_base: self.oom_base.unwrap_or(0),
                     sandbox: self.sandbox.clone(),
                     exit: None,
                     entrypoint: self.req.entrypoint,
