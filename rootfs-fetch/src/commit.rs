@@ -347,11 +347,13 @@ impl LayerSink {
 // ---------------------------------------------------------------------------------------------
 // Upper dir → layer.
 
-/// The opaque-directory markers overlayfs sets (`trusted.` when mounted by root, `user.` with
-/// `userxattr`).
-const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+/// The opaque-directory marker overlayfs sets. Only the `trusted.` form counts: sbx mounts its
+/// overlays as host root without `userxattr`, so `user.overlay.*` are ordinary xattrs that the
+/// sandbox's root may set itself (honouring them would let it hide its parent image's files
+/// from its own snapshot, or fail it); they are left out of the layer like overlay's own.
+const OPAQUE_XATTRS: [&str; 1] = ["trusted.overlay.opaque"];
 /// Set on an upper file that holds only metadata (its data is in a lower layer).
-const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
+const METACOPY_XATTRS: [&str; 1] = ["trusted.overlay.metacopy"];
 const CAPS_XATTR: &[u8] = b"security.capability";
 const VFS_CAP_REVISION_MASK: u32 = 0xff00_0000;
 const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
@@ -366,7 +368,7 @@ const RACE_RETRIES: u32 = 8;
 ///   `0..id_count`; **any other id becomes 65534** ([`NOBODY`]): a file a sandbox could not own
 ///   (host root's, another range's) must not become the image root's.
 /// - Overlay whiteouts (0/0 character devices) become `.wh.NAME` entries; directories marked
-///   opaque (`trusted.overlay.opaque` or `user.overlay.opaque` = `y`) get a `.wh..wh..opq`
+///   opaque (`trusted.overlay.opaque` = `y`; a `user.overlay.*` xattr means nothing) get a `.wh..wh..opq`
 ///   entry right after their own; overlayfs's other xattrs are left out.
 /// - Hardlinks inside the upper stay hardlinks (the first path in walk order holds the data).
 /// - Xattrs kept: `user.*` and, on regular files, `security.capability` (a v3 capability whose

@@ -638,8 +638,18 @@ async fn snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
         let _writing = writing;
         let (base, count) = sb.id_range();
         let upper = sb.upper_dir();
-        let layer = rootfs_fetch::commit::layer_from_upper(&store, &upper, base, count)
-            .map_err(|e| format!("commit the writable layer of {sid}: {e}"))?;
+        let layer =
+            rootfs_fetch::commit::layer_from_upper(&store, &upper, base, count).map_err(|e| {
+                use rootfs_fetch::commit::CommitError;
+                // What the sandbox put in its filesystem, not sbxd's fault: `invalid`.
+                let code = match e {
+                    CommitError::TooLarge { .. }
+                    | CommitError::Unsupported { .. }
+                    | CommitError::Changed { .. } => ErrorCode::Invalid,
+                    _ => ErrorCode::Internal,
+                };
+                ApiError::new(code, format!("commit the writable layer of {sid}: {e}"))
+            })?;
         let config = parent
             .as_ref()
             .map(|p| p.config.clone())
@@ -655,14 +665,13 @@ async fn snapshot(State(d): D, Path(id): Path<String>) -> R<Response> {
                 reference: format!("snapshot:{sid}"),
             },
         )
-        .map_err(|e| format!("write the snapshot image of {sid}: {e}"))?;
-        let info = info_of(&store, &rec).map_err(|e| e.message)?;
+        .map_err(|e| internal(format!("write the snapshot image of {sid}: {e}")))?;
+        let info = info_of(&store, &rec)?;
         drop(sb);
-        Ok::<_, String>((rec.id.clone(), info))
+        Ok::<_, ApiError>((rec.id.clone(), info))
     })
     .await
-    .map_err(|e| internal(format!("snapshot panicked: {e}")))?
-    .map_err(internal)?;
+    .map_err(|e| internal(format!("snapshot panicked: {e}")))??;
     tracing::info!(sandbox = %id, image = %rec.0, ms = started.elapsed().as_millis() as u64, "snapshot");
     Ok((StatusCode::CREATED, Json(rec.1)).into_response())
 }
