@@ -212,6 +212,16 @@ async fn pull_list_inspect_remove() {
         .await;
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     assert_eq!(error_code(&String::from_utf8_lossy(&body)), "invalid");
+    // A tag the registry does not have: the stream's last line is `not_found`, naming it.
+    let missing = format!("{}/test/a:no-such-tag", reg.addr());
+    let events = pull(&d, &missing).await;
+    match events.last() {
+        Some(PullEvent::Error(e)) => {
+            assert_eq!(e.code, sbx::api::ErrorCode::NotFound, "{e:?}");
+            assert!(e.message.contains("no-such-tag"), "{e:?}");
+        }
+        other => panic!("a pull of a missing tag ended with {other:?}"),
+    }
 
     // First pull: the layer starts, is downloaded (not cached), then done.
     let ev = pull(&d, &a).await;

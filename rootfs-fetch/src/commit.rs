@@ -1237,7 +1237,7 @@ struct RootFs {
 }
 
 /// UTC `YYYY-MM-DDTHH:MM:SSZ` of seconds since the epoch.
-fn rfc3339(secs: u64) -> String {
+pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.

@@ -140,6 +140,71 @@ pub enum RegistryError {
     Task { reference: String, reason: String },
 }
 
+/// What kind of failure a pull was, for callers that report it with a code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The registry has no such repository, tag or manifest.
+    NotFound,
+    /// The registry refused the credentials (or wants some).
+    Denied,
+    /// The image or the credentials file is not usable as given (no manifest for this
+    /// platform, an unsupported media type, a malformed file).
+    Invalid,
+    /// The registry could not be reached in time.
+    Timeout,
+    /// Anything else (network, a corrupt download, the local store).
+    Other,
+}
+
+impl RegistryError {
+    /// The kind of this failure.
+    pub fn kind(&self) -> FailureKind {
+        use oci_client::errors::OciErrorCode as C;
+        match self {
+            RegistryError::Client { source, .. } => match source {
+                OciDistributionError::ImageManifestNotFoundError(_) => FailureKind::NotFound,
+                OciDistributionError::AuthenticationFailure(_)
+                | OciDistributionError::UnauthorizedError { .. } => FailureKind::Denied,
+                OciDistributionError::ImageIndexParsingNoPlatformResolverError
+                | OciDistributionError::UnsupportedMediaTypeError(_)
+                | OciDistributionError::IncompatibleLayerMediaTypeError(_) => FailureKind::Invalid,
+                OciDistributionError::ServerError { code: 404, .. } => FailureKind::NotFound,
+                OciDistributionError::ServerError {
+                    code: 401 | 403, ..
+                } => FailureKind::Denied,
+                OciDistributionError::RequestError(e) if e.is_timeout() => FailureKind::Timeout,
+                OciDistributionError::RegistryError { envelope, .. } => {
+                    let codes: Vec<&C> = envelope.errors.iter().map(|e| &e.code).collect();
+                    if codes.iter().any(|c| {
+                        matches!(
+                            c,
+                            C::ManifestUnknown | C::NameUnknown | C::NotFound | C::BlobUnknown
+                        )
+                    }) {
+                        FailureKind::NotFound
+                    } else if codes
+                        .iter()
+                        .any(|c| matches!(c, C::Unauthorized | C::Denied))
+                    {
+                        FailureKind::Denied
+                    } else {
+                        FailureKind::Other
+                    }
+                }
+                _ => FailureKind::Other,
+            },
+            RegistryError::Credentials { .. } => FailureKind::Invalid,
+            RegistryError::Oci(
+                OciError::NoPlatform { .. }
+                | OciError::UnsupportedMediaType { .. }
+                | OciError::TooLarge { .. }
+                | OciError::LayerCount { .. },
+            ) => FailureKind::Invalid,
+            _ => FailureKind::Other,
+        }
+    }
+}
+
 /// Media types asked for when fetching manifests.
 const ACCEPT: &[&str] = &[
     oci::OCI_MANIFEST,

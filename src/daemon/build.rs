@@ -422,7 +422,7 @@ async fn run_build(
                 image: f.text.clone(),
             });
             let rec = d.resolve_image("build", f, log, false).await.map_err(|e| {
-                ApiError::new(ErrorCode::NotFound, format!("base image {}: {e}", f.text))
+                ApiError::new(e.code, format!("base image {}: {}", f.text, e.message))
             })?;
             Current { rec: Some(rec) }
         }

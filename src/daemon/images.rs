@@ -273,10 +273,10 @@ async fn pull(State(d): D, body: Bytes) -> R<Response> {
                 }
             }
             Err(e) => {
-                tracing::warn!(image = %f.text, error = %e, "pull failed");
+                tracing::warn!(image = %f.text, error = %e.message, "pull failed");
                 PullEvent::Error(ApiError::new(
-                    ErrorCode::Internal,
-                    format!("image {}: {e}", f.text),
+                    e.code,
+                    format!("image {}: {}", f.text, e.message),
                 ))
             }
         };

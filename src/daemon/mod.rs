@@ -839,7 +839,7 @@ impl Daemon {
         f: &FetchImage,
         progress: Arc<dyn rootfs_fetch::registry::Progress>,
         repull: bool,
-    ) -> Result<rootfs_fetch::store::ImageRecord, String> {
+    ) -> Result<rootfs_fetch::store::ImageRecord, ApiError> {
         let gate = lock(&self.resolving)
             .entry(f.key.clone())
             .or_default()
@@ -865,10 +865,10 @@ impl Daemon {
         f: &FetchImage,
         progress: Arc<dyn rootfs_fetch::registry::Progress>,
         repull: bool,
-    ) -> Result<rootfs_fetch::store::ImageRecord, String> {
+    ) -> Result<rootfs_fetch::store::ImageRecord, ApiError> {
         let state_dir = self.cfg.state_dir.clone();
         let store = rootfs_fetch::image_store(&state_dir)
-            .map_err(|e| format!("open the image store: {e}"))?;
+            .map_err(|e| internal(format!("open the image store: {e}")))?;
         match &f.source {
             FetchSource::Oci { path, tag } => {
                 let (path, tag) = (path.clone(), tag.clone());
@@ -878,6 +878,7 @@ impl Daemon {
                         .map_err(|e| format!("import failed: {e}"))
                 })
                 .await
+                .map_err(|e| ApiError::new(ErrorCode::Invalid, e))
             }
             FetchSource::DockerArchive(path) => {
                 let path = path.clone();
@@ -887,6 +888,7 @@ impl Daemon {
                         .map_err(|e| format!("import failed: {e}"))
                 })
                 .await
+                .map_err(|e| ApiError::new(ErrorCode::Invalid, e))
             }
             FetchSource::Registry(r) => {
                 // Pulled before (by this create's twin or an earlier one): used as it is, as
@@ -899,7 +901,8 @@ impl Daemon {
                         _ => None,
                     })
                 })
-                .await?;
+                .await
+                .map_err(internal)?;
                 if let Some(rec) = have {
                     tracing::info!(sandbox = %sandbox, image = %f.text, image_id = %rec.id, "image already in the store, not pulling");
                     return Ok(rec);
@@ -908,7 +911,17 @@ impl Daemon {
                 let opts = rootfs_fetch::registry::PullOptions::for_state_dir(&state_dir);
                 let report = rootfs_fetch::registry::pull(&store, r, &opts, progress)
                     .await
-                    .map_err(|e| format!("pull failed: {e}"))?;
+                    .map_err(|e| {
+                        use rootfs_fetch::registry::FailureKind;
+                        let code = match e.kind() {
+                            FailureKind::NotFound => ErrorCode::NotFound,
+                            FailureKind::Denied => ErrorCode::PermissionDenied,
+                            FailureKind::Invalid => ErrorCode::Invalid,
+                            FailureKind::Timeout => ErrorCode::Timeout,
+                            FailureKind::Other => ErrorCode::Internal,
+                        };
+                        ApiError::new(code, format!("pull failed: {e}"))
+                    })?;
                 tracing::info!(
                     sandbox = %sandbox,
                     image = %f.text,
@@ -1540,7 +1553,7 @@ impl Daemon {
                         &live,
                         EndReason::Error,
                         1,
-                        Some(format!("image {}: {e}", f.text)),
+                        Some(format!("image {}: {}", f.text, e.message)),
                     )
                     .await;
                     return;
