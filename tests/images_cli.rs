@@ -286,11 +286,26 @@ fn build_run_rebuild_and_the_cache() {
     );
     let (out, _) = d.ok(&["image", "ls", "--json"]);
     let list = json(&out);
-    assert!(list
-        .as_array()
-        .expect("array")
+    let shown: Vec<&serde_json::Value> = list.as_array().expect("array").iter().collect();
+    assert!(shown.iter().any(|i| i["id"] == id.as_str()));
+    // A build's untagged intermediate steps are left out (as `docker images` does) unless
+    // --all; the final image names its parent.
+    let (out, _) = d.ok(&["image", "ls", "--all", "--json"]);
+    let all = json(&out);
+    let all: Vec<&serde_json::Value> = all.as_array().expect("array").iter().collect();
+    assert!(
+        all.len() > shown.len(),
+        "--all {} vs {}",
+        all.len(),
+        shown.len()
+    );
+    let fin = all
         .iter()
-        .any(|i| i["id"] == id.as_str()));
+        .find(|i| i["id"] == id.as_str())
+        .expect("final image");
+    let parent = fin["parent"].as_str().expect("a built image has a parent");
+    assert!(all.iter().any(|i| i["id"] == parent), "{parent} in --all");
+    assert!(!shown.iter().any(|i| i["id"] == parent), "{parent} hidden");
     let (out, _) = d.ok(&["image", "inspect", "cli-test:1"]);
     let info = json(&out);
     assert_eq!(info["id"], id.as_str());

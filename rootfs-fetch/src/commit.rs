@@ -1402,6 +1402,7 @@ pub fn derive_image(store: &Store, d: Derive<'_>) -> Result<ImageRecord, CommitE
         source: Box::new(e),
     })?;
     record.host_base = host_base;
+    record.parent = d.parent.map(|p| p.id.clone());
     store
         .put_bytes(&config_digest, &config_bytes)
         .map_err(store_err("store the image config"))?;

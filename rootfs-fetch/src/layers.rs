@@ -362,6 +362,7 @@ mod tests {
             architecture: "amd64".into(),
             created_at: 0,
             host_base: false,
+            parent: None,
         }
     }
 

@@ -492,6 +492,7 @@ pub fn build_record(
         architecture: parsed.architecture,
         created_at: now_secs(),
         host_base: false,
+        parent: None,
     })
 }
 

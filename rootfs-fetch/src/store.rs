@@ -248,6 +248,10 @@ pub struct ImageRecord {
     /// (/usr, …). Such an image cannot be exported.
     #[serde(default)]
     pub host_base: bool,
+    /// The image this one was built or snapshotted from (`None` for pulled and imported
+    /// images): listings hide a build's untagged intermediate steps by it.
+    #[serde(default)]
+    pub parent: Option<ImageId>,
 }
 
 impl ImageRecord {

@@ -338,6 +338,7 @@ fn record(config: &[u8], reference: &str) -> ImageRecord {
         architecture: "amd64".into(),
         created_at: 1,
         host_base: false,
+        parent: None,
     }
 }
 

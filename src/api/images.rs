@@ -74,6 +74,9 @@ pub struct ImageInfo {
     /// from it): sandboxes also get the host's read-only /usr; it cannot be exported.
     #[serde(default)]
     pub host_base: bool,
+    /// The image it was built or snapshotted from (`None` for pulled and imported images).
+    #[serde(default)]
+    pub parent: Option<String>,
 }
 
 /// One layer of an image.

@@ -201,9 +201,14 @@ enum ImageCmd {
         #[arg(value_name = "REF")]
         reference: String,
     },
-    /// List the images in the store, newest first.
+    /// List the images in the store, newest first. A build's untagged intermediate steps (an
+    /// untagged image another image was built from) are left out unless --all.
     #[command(after_help = "Examples:\n  sbx image ls\n  sbx image ls --json")]
-    Ls,
+    Ls {
+        /// Also the untagged intermediate images of builds.
+        #[arg(short, long)]
+        all: bool,
+    },
     /// Print an image as JSON: id, references, source, layers, config (env, entrypoint, cmd…).
     #[command(
         after_help = "Examples:\n  sbx image inspect app:dev\n  sbx image inspect im-0123456789abcdef01234567"
@@ -1704,8 +1709,13 @@ async fn image(g: &Global, c: ImageCmd) -> Result<u8, CliError> {
                 write_stdout(format!("{}\n", info.id).as_bytes())?;
             }
         }
-        ImageCmd::Ls => {
-            let list = Image::list(&client).await?;
+        ImageCmd::Ls { all } => {
+            let mut list = Image::list(&client).await?;
+            if !all {
+                let parents: std::collections::HashSet<String> =
+                    list.iter().filter_map(|i| i.parent.clone()).collect();
+                list.retain(|i| !i.references.is_empty() || !parents.contains(&i.id));
+            }
             if g.json {
                 print_json(&list)?;
             } else {

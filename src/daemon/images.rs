@@ -84,6 +84,7 @@ pub(crate) fn image_info(rec: &ImageRecord, tags: &[(String, ImageId)]) -> Image
             exposed_ports: c.exposed_ports.clone(),
         },
         host_base: rec.host_base,
+        parent: rec.parent.as_ref().map(|p| p.to_string()),
     }
 }
 
