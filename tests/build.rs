@@ -7,36 +7,19 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/registry.rs"]
+mod registry;
 
 use bytes::Bytes;
 use daemon::TestDaemon;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rootfs_fetch::oci::{self, host_platform};
-use rootfs_fetch::store::Digest;
+use registry::{busybox, write_layout_with, Tar, TempDir};
 use sbx::api::images::{BuildEvent, ImageInfo};
 use sbx::client::{Client, CreateSandbox, Sandbox};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A directory of this test process, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = PathBuf::from(format!("/tmp/sbx-it-build-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// POST a build and read its whole stream: (HTTP status, events; or the error body).
 async fn build(d: &TestDaemon, req: &Value) -> (u16, Vec<BuildEvent>, String) {
@@ -401,66 +384,11 @@ async fn client_going_away_stops_the_build() {
     d.finish().await;
 }
 
-/// A small ustar writer (each byte of the layer is chosen here).
-#[derive(Default)]
-struct Tar(Vec<u8>);
-
-impl Tar {
-    fn entry(&mut self, path: &str, kind: u8, mode: u32, data: &[u8], link: &str) -> &mut Self {
-        assert!(path.len() < 100 && link.len() < 100, "{path}");
-        let mut h = [0u8; 512];
-        h[..path.len()].copy_from_slice(path.as_bytes());
-        let octal = |h: &mut [u8], at: usize, len: usize, v: u64| {
-            let s = format!("{v:0w$o}\0", w = len - 1);
-            h[at..at + len].copy_from_slice(s.as_bytes());
-        };
-        octal(&mut h, 100, 8, mode as u64);
-        octal(&mut h, 108, 8, 0);
-        octal(&mut h, 116, 8, 0);
-        octal(&mut h, 124, 12, data.len() as u64);
-        octal(&mut h, 136, 12, 1_700_000_000);
-        h[156] = kind;
-        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| b as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        self.0.extend_from_slice(&h);
-        self.0.extend_from_slice(data);
-        let pad = (512 - data.len() % 512) % 512;
-        self.0.extend(std::iter::repeat_n(0u8, pad));
-        self
-    }
-    fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
-        self.entry(path, b'5', mode, b"", "")
-    }
-    fn file(&mut self, path: &str, data: &[u8], mode: u32) -> &mut Self {
-        self.entry(path, b'0', mode, data, "")
-    }
-    fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
-        self.entry(path, b'2', 0o777, b"", target)
-    }
-    fn finish(&mut self) -> Vec<u8> {
-        let mut out = std::mem::take(&mut self.0);
-        out.extend_from_slice(&[0u8; 1024]);
-        out
-    }
-}
-
 /// A busybox-static OCI layout (tag `1`) with /etc/passwd naming user `app` (uid 1234).
 fn write_busybox_layout(dir: &Path) {
-    let bb = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is installed");
     let mut tar = Tar::default();
     tar.dir("bin/", 0o755)
-        .file(
-            "bin/busybox",
-            &std::fs::read(bb).expect("read busybox"),
-            0o755,
-        )
+        .file("bin/busybox", &busybox(), 0o755)
         .symlink("bin/sh", "busybox")
         .dir("etc/", 0o755)
         .file(
@@ -474,40 +402,12 @@ fn write_busybox_layout(dir: &Path) {
         .dir("proc/", 0o555)
         .dir("sys/", 0o555)
         .dir("dev/", 0o755);
-    let layer = tar.finish();
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let d = Digest::of(bytes);
-        std::fs::write(blobs.join(d.hex()), bytes).unwrap();
-        (d.to_string(), bytes.len())
-    };
-    let (layer_digest, layer_size) = put(&layer);
-    let platform = host_platform();
-    let config = json!({
-        "architecture": platform.architecture,
-        "os": platform.os,
-        "config": {"Env": ["PATH=/bin", "FROM_BASE=yes"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    });
-    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": oci::OCI_MANIFEST,
-        "config": {"mediaType": oci::OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": oci::OCI_LAYER_TAR, "digest": layer_digest, "size": layer_size}],
-    });
-    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": oci::OCI_INDEX,
-        "manifests": [{
-            "mediaType": oci::OCI_MANIFEST, "digest": manifest_digest, "size": manifest_size,
-            "annotations": {(oci::REF_NAME): "1"},
-        }],
-    });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    write_layout_with(
+        dir,
+        "1",
+        &[tar.finish()],
+        json!({"Env": ["PATH=/bin", "FROM_BASE=yes"], "Cmd": ["/bin/sh"]}),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
