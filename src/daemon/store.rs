@@ -12,6 +12,16 @@ use std::sync::Mutex;
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Called when a caller finds the connection held by someone else, before it waits (sbxd
+    /// lifts its low-priority store writer then, so nobody waits behind a thread starved of
+    /// CPU).
+    on_contention: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// Run `sql` through the connection's statement cache: parsed once, not on every call (parsing
+/// was a visible share of the daemon's CPU per create and exec).
+fn exec_cached(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
 }
 
 fn internal(step: &str, e: impl std::fmt::Display) -> ApiError {
@@ -106,13 +116,31 @@ impl Store {
             .map_err(|e| internal("busy timeout", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| internal("create schema", e))?;
+        // Every statement of this file fits, so none is parsed twice.
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(Store {
             conn: Mutex::new(conn),
+            on_contention: std::sync::OnceLock::new(),
         })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        match self.conn.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Some(f) = self.on_contention.get() {
+                    f();
+                }
+                self.conn.lock().unwrap_or_else(|p| p.into_inner())
+            }
+        }
+    }
+
+    /// Set what runs when a caller has to wait for the connection (once; later calls are
+    /// ignored).
+    pub fn set_on_contention(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_contention.set(Box::new(f));
     }
 
     /// Insert a pending sandbox and its Created and Scheduled events; `already_exists` when the name is held
@@ -122,7 +150,7 @@ impl Store {
         let tx = conn.transaction().map_err(|e| internal("begin", e))?;
         let config = serde_json::to_string(s.config).map_err(|e| internal("config", e))?;
         let tags = serde_json::to_string(s.tags).map_err(|e| internal("tags", e))?;
-        let r = tx.execute(
+        let r = exec_cached(&tx,
             "INSERT INTO sandboxes (id, app, name, tags, status, config, created_at) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6)",
             params![s.id, s.app, s.name, tags, config, s.created_at],
         );
@@ -140,7 +168,7 @@ impl Store {
         }
         r.map_err(|e| internal("insert sandbox", e))?;
         // Created, then at once Scheduled: this host runs it (one write instead of two).
-        tx.execute(
+        exec_cached(&tx,
             "INSERT INTO events (sandbox_id, seq, kind, at) VALUES (?1, 1, 'created', ?2), (?1, 2, 'scheduled', ?2)",
             params![s.id, s.created_at],
         )
@@ -153,13 +181,10 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| internal("begin", e))?;
         let seq: u64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE sandbox_id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE sandbox_id = ?1")
+            .and_then(|mut st| st.query_row(params![id], |r| r.get(0)))
             .map_err(|e| internal("next seq", e))?;
-        tx.execute(
+        exec_cached(&tx,
             "INSERT INTO events (sandbox_id, seq, kind, at, reason, returncode, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 id,
@@ -174,21 +199,23 @@ impl Store {
         .map_err(|e| internal("insert event", e))?;
         match ev.kind {
             EventKind::Started => {
-                tx.execute(
+                exec_cached(
+                    &tx,
                     "UPDATE sandboxes SET status = 'running', started_at = ?2 WHERE id = ?1",
                     params![id, ev.at],
                 )
                 .map_err(|e| internal("mark started", e))?;
             }
             EventKind::Ready => {
-                tx.execute(
+                exec_cached(
+                    &tx,
                     "UPDATE sandboxes SET ready_at = ?2 WHERE id = ?1",
                     params![id, ev.at],
                 )
                 .map_err(|e| internal("mark ready", e))?;
             }
             EventKind::Finished => {
-                tx.execute(
+                exec_cached(&tx,
                     "UPDATE sandboxes SET status = 'finished', finished_at = ?2, returncode = ?3, end_reason = ?4, error = ?5 WHERE id = ?1",
                     params![id, ev.at, ev.returncode, ev.reason.map(|r| r.as_str()), ev.message],
                 )
@@ -227,13 +254,12 @@ impl Store {
 
     pub fn set_tags(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
         let tags = serde_json::to_string(tags).map_err(|e| internal("tags", e))?;
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE sandboxes SET tags = ?2 WHERE id = ?1",
-                params![id, tags],
-            )
-            .map_err(|e| internal("set tags", e))?;
+        let n = exec_cached(
+            &self.conn(),
+            "UPDATE sandboxes SET tags = ?2 WHERE id = ?1",
+            params![id, tags],
+        )
+        .map_err(|e| internal("set tags", e))?;
         if n == 0 {
             return Err(not_found_sandbox(id));
         }
@@ -269,11 +295,11 @@ impl Store {
     pub fn sandbox(&self, id: &str) -> Result<SandboxInfo, ApiError> {
         let info = {
             let conn = self.conn();
-            conn.query_row(
-                &format!("SELECT {} FROM sandboxes WHERE id = ?1", Self::COLS),
-                params![id],
-                Self::row_to_info,
-            )
+            conn.prepare_cached(&format!(
+                "SELECT {} FROM sandboxes WHERE id = ?1",
+                Self::COLS
+            ))
+            .and_then(|mut st| st.query_row(params![id], Self::row_to_info))
             .optional()
             .map_err(|e| internal("read sandbox", e))?
         };
@@ -379,8 +405,7 @@ impl Store {
             "DELETE FROM execs WHERE sandbox_id = ?1",
             "DELETE FROM sandboxes WHERE id = ?1",
         ] {
-            tx.execute(q, params![id])
-                .map_err(|e| internal("delete sandbox", e))?;
+            exec_cached(&tx, q, params![id]).map_err(|e| internal("delete sandbox", e))?;
         }
         tx.commit().map_err(|e| internal("commit", e))
     }
@@ -388,8 +413,10 @@ impl Store {
     pub fn insert_exec(&self, e: &ExecInfo) -> Result<(), ApiError> {
         let argv = serde_json::to_string(&e.argv).map_err(|x| internal("argv", x))?;
         self.conn()
-            .execute(
-                "INSERT INTO execs (exec_id, sandbox_id, argv, status, started_at, stdout, stderr, pty) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",
+            .prepare_cached(
+"INSERT INTO execs (exec_id, sandbox_id, argv, status, started_at, stdout, stderr, pty) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7)",            )
+            .and_then(|mut st| {
+                st.execute(
                 params![
                     e.exec_id,
                     e.sandbox_id,
@@ -398,16 +425,18 @@ impl Store {
                     enum_str(&e.stdout),
                     enum_str(&e.stderr),
                     e.pty
-                ],
-            )
+                ])
+            })
             .map_err(|x| internal("insert exec", x))?;
         Ok(())
     }
 
     pub fn finish_exec(&self, e: &ExecInfo) -> Result<(), ApiError> {
         self.conn()
-            .execute(
-                "UPDATE execs SET status = 'exited', returncode = ?3, signal = ?4, timed_out = ?5, oom = ?6, finished_at = ?7 WHERE sandbox_id = ?1 AND exec_id = ?2",
+            .prepare_cached(
+"UPDATE execs SET status = 'exited', returncode = ?3, signal = ?4, timed_out = ?5, oom = ?6, finished_at = ?7 WHERE sandbox_id = ?1 AND exec_id = ?2",            )
+            .and_then(|mut st| {
+                st.execute(
                 params![
                     e.sandbox_id,
                     e.exec_id,
@@ -416,39 +445,40 @@ impl Store {
                     e.timed_out,
                     e.oom,
                     e.finished_at
-                ],
-            )
+                ])
+            })
             .map_err(|x| internal("finish exec", x))?;
         Ok(())
     }
 
     pub fn exec(&self, sandbox_id: &str, exec_id: &str) -> Result<ExecInfo, ApiError> {
         let conn = self.conn();
-        conn.query_row(
-            "SELECT exec_id, sandbox_id, argv, status, returncode, signal, timed_out, oom, started_at, finished_at, stdout, stderr, pty FROM execs WHERE sandbox_id = ?1 AND exec_id = ?2",
-            params![sandbox_id, exec_id],
-            |r| {
-                let argv: String = r.get(2)?;
-                let status: String = r.get(3)?;
-                let so: String = r.get(10)?;
-                let se: String = r.get(11)?;
-                Ok(ExecInfo {
-                    exec_id: r.get(0)?,
-                    sandbox_id: r.get(1)?,
-                    argv: serde_json::from_str(&argv).unwrap_or_default(),
-                    status: enum_from(&status).unwrap_or(ExecStatus::Exited),
-                    returncode: r.get(4)?,
-                    signal: r.get(5)?,
-                    timed_out: r.get(6)?,
-                    oom: r.get(7)?,
-                    started_at: r.get(8)?,
-                    finished_at: r.get(9)?,
-                    stdout: enum_from(&so).unwrap_or(StreamMode::Pipe),
-                    stderr: enum_from(&se).unwrap_or(StreamMode::Pipe),
-                    pty: r.get(12)?,
-                })
-            },
-        )
+        let mut st = conn
+            .prepare_cached(
+                "SELECT exec_id, sandbox_id, argv, status, returncode, signal, timed_out, oom, started_at, finished_at, stdout, stderr, pty FROM execs WHERE sandbox_id = ?1 AND exec_id = ?2",
+            )
+            .map_err(|e| internal("prepare exec", e))?;
+        st.query_row(params![sandbox_id, exec_id], |r| {
+            let argv: String = r.get(2)?;
+            let status: String = r.get(3)?;
+            let so: String = r.get(10)?;
+            let se: String = r.get(11)?;
+            Ok(ExecInfo {
+                exec_id: r.get(0)?,
+                sandbox_id: r.get(1)?,
+                argv: serde_json::from_str(&argv).unwrap_or_default(),
+                status: enum_from(&status).unwrap_or(ExecStatus::Exited),
+                returncode: r.get(4)?,
+                signal: r.get(5)?,
+                timed_out: r.get(6)?,
+                oom: r.get(7)?,
+                started_at: r.get(8)?,
+                finished_at: r.get(9)?,
+                stdout: enum_from(&so).unwrap_or(StreamMode::Pipe),
+                stderr: enum_from(&se).unwrap_or(StreamMode::Pipe),
+                pty: r.get(12)?,
+            })
+        })
         .optional()
         .map_err(|x| internal("read exec", x))?
         .ok_or_else(|| {
@@ -461,8 +491,7 @@ impl Store {
 
     /// Execs recorded as running of a sandbox that has finished: they ended with it.
     pub fn end_running_execs(&self, sandbox_id: &str, at: f64) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
+        exec_cached(&self.conn(),
                 "UPDATE execs SET status = 'exited', returncode = 137, signal = 9, finished_at = ?2 WHERE sandbox_id = ?1 AND status = 'running'",
                 params![sandbox_id, at],
             )
@@ -477,10 +506,7 @@ impl Store {
         } else {
             "INSERT INTO secrets (name, keys, created_at) VALUES (?1, ?2, ?3)"
         };
-        match self
-            .conn()
-            .execute(q, params![info.name, keys, info.created_at])
-        {
+        match exec_cached(&self.conn(), q, params![info.name, keys, info.created_at]) {
             Err(rusqlite::Error::SqliteFailure(f, _))
                 if f.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -517,21 +543,23 @@ impl Store {
 
     /// Whether it existed.
     pub fn delete_secret(&self, name: &str) -> Result<bool, ApiError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM secrets WHERE name = ?1", params![name])
-            .map_err(|x| internal("delete secret", x))?;
+        let n = exec_cached(
+            &self.conn(),
+            "DELETE FROM secrets WHERE name = ?1",
+            params![name],
+        )
+        .map_err(|x| internal("delete secret", x))?;
         Ok(n > 0)
     }
 
     /// Record a volume (no-op if known).
     pub fn touch_volume(&self, name: &str, at: f64) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "INSERT OR IGNORE INTO volumes (name, created_at) VALUES (?1, ?2)",
-                params![name, at],
-            )
-            .map_err(|x| internal("record volume", x))?;
+        exec_cached(
+            &self.conn(),
+            "INSERT OR IGNORE INTO volumes (name, created_at) VALUES (?1, ?2)",
+            params![name, at],
+        )
+        .map_err(|x| internal("record volume", x))?;
         Ok(())
     }
 
@@ -548,10 +576,12 @@ impl Store {
     }
 
     pub fn delete_volume(&self, name: &str) -> Result<bool, ApiError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM volumes WHERE name = ?1", params![name])
-            .map_err(|x| internal("delete volume", x))?;
+        let n = exec_cached(
+            &self.conn(),
+            "DELETE FROM volumes WHERE name = ?1",
+            params![name],
+        )
+        .map_err(|x| internal("delete volume", x))?;
         Ok(n > 0)
     }
 }

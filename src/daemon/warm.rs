@@ -17,6 +17,16 @@ const MAX_SHAPES: usize = 2;
 /// A shape nobody created for this long is let go (its warm sandboxes torn down).
 const IDLE_DRAIN: Duration = Duration::from_secs(600);
 
+/// While a shape still has a warm sandbox ready, its refill waits until creates and execs have
+/// left the daemon alone this long: a create that took a warm sandbox is mostly followed at
+/// once by an exec into it, and starting the next warm sandbox right then (helper, mounts,
+/// cgroup: milliseconds of CPU) would compete with it. A shape with none left refills at once.
+const REFILL_QUIET: Duration = Duration::from_millis(3);
+
+/// ... but never longer than this after it became due (a daemon that is never quiet still
+/// refills).
+const REFILL_MAX_DEFER: Duration = Duration::from_millis(25);
+
 /// What a warm sandbox must match to be handed to a create.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Shape {
@@ -65,6 +75,8 @@ pub(crate) struct Warm {
     busy: tokio::sync::watch::Sender<bool>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// When a create or an exec last started or ended (see [`REFILL_QUIET`]).
+    activity: Mutex<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,7 +109,35 @@ impl Warm {
             closed: AtomicBool::new(false),
             busy: tokio::sync::watch::Sender::new(false),
             hits: AtomicU64::new(0),
+            activity: Mutex::new(Instant::now()),
             misses: AtomicU64::new(0),
+        }
+    }
+
+    /// A create or exec started or ended now: refills wait for a quiet moment.
+    pub fn touch(&self) {
+        *lock(&self.activity) = Instant::now();
+    }
+
+    /// Before refilling `shape`: wait (at most [`REFILL_MAX_DEFER`]) until nothing happened
+    /// for [`REFILL_QUIET`] — unless or until the shape has no warm sandbox left.
+    async fn quiet(&self, shape: &Shape) {
+        let give_up = Instant::now() + REFILL_MAX_DEFER;
+        loop {
+            let none_left = lock(&self.slots)
+                .iter()
+                .find(|s| s.shape == *shape)
+                .is_none_or(|s| s.ready.is_empty());
+            let since = lock(&self.activity).elapsed();
+            let now = Instant::now();
+            if none_left
+                || since >= REFILL_QUIET
+                || now >= give_up
+                || self.closed.load(Ordering::SeqCst)
+            {
+                return;
+            }
+            tokio::time::sleep((REFILL_QUIET - since).min(give_up - now)).await;
         }
     }
 
@@ -146,6 +186,7 @@ impl Warm {
             got
         };
         destroy_later(doomed);
+        self.touch();
         if let Some(r) = &got {
             // It waited at background priority; from now on it is someone's sandbox.
             r.sandbox.set_foreground();
@@ -224,6 +265,7 @@ impl Warm {
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
                 continue;
             };
+            self.quiet(&shape).await;
             let id = new_id();
             let spec = runtime::SandboxSpec {
                 id: Some(id.clone()),

@@ -102,8 +102,21 @@ fn sys<T>(step: impl Into<String>, r: nix::Result<T>) -> Result<T, HelperError> 
 pub fn main() -> ! {
     let _ = nix::sys::prctl::set_name(c"sbx:[helper]");
     sys_ignore_sigpipe();
-    // SAFETY: the library passes exactly one socket on fd 3 (dup2'd in its pre_exec) and nothing
-    // else in this process owns it.
+    // The library hands the control socket over as stdin (see `pool::spawn`): move it to
+    // CONTROL_FD and put /dev/null on stdin.
+    if nix::unistd::dup2(0, CONTROL_FD).is_err() {
+        std::process::exit(2);
+    }
+    if let Ok(null) = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        let _ = nix::unistd::dup2(null, 0);
+        let _ = nix::unistd::close(null);
+    }
+    // SAFETY: CONTROL_FD was just made a duplicate of the socket the library passed, and
+    // nothing else in this process owns it.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let code = match prepare_namespaces().and_then(|()| run(&control)) {
         Ok(status) => {

@@ -14,7 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
@@ -552,9 +552,10 @@ fn readonly(path: &str) -> Result<(), SetupError> {
 
 /// The running init: its listener, the open exec connections, and which pid belongs to which.
 ///
-/// Nothing here blocks on a process of the sandbox: a start waits for its child's execve on a
-/// pipe that sits in the poll set, so a child stopped before execve (sandbox root has CAP_KILL)
-/// delays only its own exec.
+/// A start waits in the clone for its child's execve (vfork-style, see [`sys::vfork_spawn`]):
+/// a child stopped in that window (sandbox root has CAP_KILL) holds up this init until it is
+/// continued or killed — only this sandbox, by its own code. Whether the execve worked is read
+/// from a pipe that sits in the poll set.
 struct Init {
     listener: OwnedFd,
     devnull: OwnedFd,
@@ -571,7 +572,12 @@ struct Init {
     /// Forked, execve not yet reported: pid → what to tell the client when it is.
     pending: HashMap<i32, Pending>,
     entrypoint: Option<i32>,
+    /// What a new child runs on until its execve (None: could not map it; children fork).
+    stack: Option<sys::ChildStack>,
 }
+
+/// The stack a child of init uses between clone and execve (it runs a few syscall wrappers).
+const CHILD_STACK: usize = 256 * 1024;
 
 struct Pending {
     /// Read end of the child's close-on-exec error pipe: EOF = execve succeeded.
@@ -602,6 +608,7 @@ impl Init {
             procs: HashMap::new(),
             pending: HashMap::new(),
             entrypoint: None,
+            stack: sys::ChildStack::new(CHILD_STACK).ok(),
         }
     }
 
@@ -777,6 +784,12 @@ impl Init {
         };
         match self.start(&req, fds) {
             Ok((pid, err, master)) => {
+                // After a vfork the child has usually exec'd (closing the pipe) by now: then
+                // report at once instead of after another round of poll.
+                let done = {
+                    let mut p = [PollFd::new(err.as_fd(), PollFlags::POLLIN)];
+                    matches!(poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
+                };
                 let id = self.next_conn;
                 self.next_conn += 1;
                 self.conns.insert(id, conn);
@@ -790,6 +803,9 @@ impl Init {
                         exited: None,
                     },
                 );
+                if done {
+                    self.finish_start(pid.as_raw());
+                }
             }
             Err((step, errno)) => {
                 let _ = proto::send(
@@ -867,7 +883,7 @@ impl Init {
         }
     }
 
-    /// Fork one request's child; returns its pid, the read end of its error pipe and the pty
+    /// Start one request's child; returns its pid, the read end of its error pipe and the pty
     /// master. Whether execve worked is learnt from the pipe later ([`Init::finish_start`]).
     fn start(
         &mut self,
@@ -919,30 +935,48 @@ impl Init {
             None => None,
         };
 
+        let cwd = CString::new(req.cwd.as_str())
+            .map_err(|_| ("cwd holds a NUL byte".to_string(), libc::EINVAL))?;
+        let argv_p: Vec<*const libc::c_char> = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let env_p: Vec<*const libc::c_char> = env
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+
         let (err_r, err_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail("pipe", e))?;
-        match sys::fork().map_err(|e| fail("fork", e))? {
-            None => {
-                drop(err_r);
-                let e = exec_child(
-                    req,
-                    &stdio,
-                    pty.as_ref().map(|p| &p.1),
-                    &program,
-                    &argv,
-                    &env,
-                );
-                let code = e.1 as i32;
-                let _ = nix::unistd::write(&err_w, &code.to_ne_bytes());
-                let _ = nix::unistd::write(&err_w, e.0.as_bytes());
-                sys::exit_now(127)
-            }
-            Some(pid) => {
-                drop(err_w);
-                drop(fds);
-                Ok((pid, err_r, pty.map(|p| p.0)))
-            }
-        }
+        // The child: per-process setup, execve; on failure the step and errno go to the error
+        // pipe. It allocates nothing (it may share our memory, see below).
+        let slave = pty.as_ref().map(|p| &p.1);
+        let mut child = || -> i32 {
+            let e = exec_child(req, &stdio, slave, &program, &argv_p, &env_p, &cwd);
+            let code = e.1 as i32;
+            let _ = nix::unistd::write(&err_w, &code.to_ne_bytes());
+            let _ = nix::unistd::write(&err_w, e.0.as_bytes());
+            sys::exit_now(127)
+        };
+        // posix_spawn's way first: the child borrows our memory until its execve (no page
+        // tables copied, no copy-on-write faults after). If that clone fails (a seccomp
+        // profile may refuse CLONE_VM|CLONE_VFORK with any errno) or there is no stack, fork.
+        let spawned = self
+            .stack
+            .as_mut()
+            .and_then(|stack| sys::vfork_spawn(stack, &mut child).ok());
+        let pid = match spawned {
+            Some(pid) => pid,
+            None => match sys::fork().map_err(|e| fail("fork", e))? {
+                None => sys::exit_now(child()),
+                Some(pid) => pid,
+            },
+        };
+        drop(err_w);
+        drop(fds);
+        Ok((pid, err_r, pty.map(|p| p.0)))
     }
 }
 
@@ -986,16 +1020,18 @@ fn open_pty(rows: u16, cols: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
-/// In the forked child: the per-process part of the setup, then execve. It runs under the
-/// seccomp filter and no_new_privs that init installed for itself and every descendant.
-/// Returns only on failure, with the step and errno.
+/// In the new child: the per-process part of the setup, then execve. It runs under the
+/// seccomp filter and no_new_privs that init installed for itself and every descendant, and
+/// may share init's memory (see [`sys::vfork_spawn`]): it allocates nothing and only makes
+/// syscalls on what [`Init::start`] prepared. Returns only on failure, with the step and errno.
 fn exec_child(
     req: &ExecRequest,
     stdio: &[Option<RawFd>; 3],
     pty_slave: Option<&OwnedFd>,
-    program: &CString,
-    argv: &[CString],
-    env: &[CString],
+    program: &CStr,
+    argv: &[*const libc::c_char],
+    env: &[*const libc::c_char],
+    cwd: &CStr,
 ) -> (&'static str, nix::Error) {
     macro_rules! try_step {
         ($name:expr, $e:expr) => {
@@ -1036,7 +1072,7 @@ fn exec_child(
         }
     }
     // cwd before dropping ids (a root-only dir), retried after (a dir only the user can enter).
-    let cwd_ok = nix::unistd::chdir(req.cwd.as_str()).is_ok();
+    let cwd_ok = nix::unistd::chdir(cwd).is_ok();
     if req.uid != 0 || req.gid != 0 {
         try_step!(
             "setgroups",
@@ -1045,16 +1081,10 @@ fn exec_child(
         try_step!("set uid/gid", sys::set_ids(req.uid, req.gid));
     }
     if !cwd_ok {
-        try_step!(
-            "chdir to the working directory",
-            nix::unistd::chdir(req.cwd.as_str())
-        );
+        try_step!("chdir to the working directory", nix::unistd::chdir(cwd));
     }
     // Nothing of init's leaks into the payload (its listener, other connections).
     try_step!("mark descriptors close-on-exec", sys::cloexec_from(3));
     // no_new_privs and the seccomp filter are inherited from init (setup step 17).
-    match nix::unistd::execve(program, argv, env) {
-        Err(e) => ("execve", e),
-        Ok(never) => match never {},
-    }
+    ("execve", sys::execve_prepared(program, argv, env))
 }

@@ -1,11 +1,11 @@
 //! The isolation runtime: spawn a sandbox (fresh namespaces, overlay rootfs, cgroup limits,
 //! seccomp, Docker's capability set), exec processes in it, and tear it down without leaks.
 //!
-//! Process model: the caller (the daemon, a test) fork+execs `sbx-init` as a single-threaded
+//! Process model: the caller (the daemon, a test) spawns `sbx-init` as a single-threaded
 //! helper; the helper builds the rootfs in a private mount namespace and clones init (pid 1) into
 //! new user/pid/mount/net/uts/ipc namespaces; init joins a new cgroup namespace, pivots into the
 //! rootfs and serves exec requests on a control socket bound at a host path. Execs connect to
-//! that socket directly, so an exec is one connect + one fork + one execve.
+//! that socket directly, so an exec is one connect + one clone (vfork-style) + one execve.
 
 pub mod capabilities;
 pub mod cgroups;

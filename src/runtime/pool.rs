@@ -1,12 +1,10 @@
-//! Helper processes: fork+exec of `sbx-init` with its control socket on fd 3, and a small pool of
-//! helpers exec'd ahead of time, so a spawn does not wait for an exec, the dynamic loader and
-//! the Rust runtime to start. An idle helper only waits for its config on fd 3; if this process
-//! exits, the socket closes and the helper exits with it.
-
-use super::helper;
+//! Helper processes: `sbx-init` started (posix_spawn) with its control socket as stdin, and a
+//! small pool of helpers exec'd ahead of time, so a spawn does not wait for an exec, the dynamic
+//! loader and the Rust runtime to start. An idle helper only waits for its config on the
+//! socket; if this process exits, the socket closes and the helper exits with it.
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -17,32 +15,23 @@ pub struct Helper {
     pub control: OwnedFd,
 }
 
-/// Fork+exec one helper. Its stderr goes to `log` (it writes there only if it panics; setup
-/// errors travel on the control socket).
+/// Start one helper. Its control socket is its stdin (the helper moves it to
+/// [`super::helper::CONTROL_FD`] and puts /dev/null there); its stderr goes to `log` (it writes there
+/// only if it panics; setup errors travel on the control socket).
+///
+/// Nothing runs between fork and exec, so std starts it with posix_spawn (clone with CLONE_VM
+/// and CLONE_VFORK): a fork of this process would mark all its memory copy-on-write, and every
+/// thread of a busy daemon would then fault on its next writes (measured: ~1 ms added to the
+/// first exec into the sandbox created next).
 pub fn spawn(init_binary: &Path, log: &Path) -> std::io::Result<Helper> {
     let (ours, theirs) = super::proto::seqpacket_pair().map_err(std::io::Error::from)?;
     let log: File = OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(init_binary);
-    cmd.stdin(std::process::Stdio::null())
+    cmd.stdin(std::process::Stdio::from(theirs))
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .env_clear();
-    let theirs_raw = theirs.as_raw_fd();
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs between fork and exec in the child and only calls dup2,
-        // which is async-signal-safe; it allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(theirs_raw, helper::CONTROL_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
     let child = cmd.spawn()?;
-    drop(theirs);
     Ok(Helper {
         child,
         control: ours,

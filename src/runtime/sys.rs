@@ -42,6 +42,104 @@ pub fn fork() -> nix::Result<Option<Pid>> {
     }
 }
 
+/// Memory for a [`vfork_spawn`] child to run on: an anonymous mapping with a guard page
+/// below it (a child that overflows it faults instead of writing into our memory).
+pub struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    /// A stack of `size` bytes (rounded up to whole pages) plus the guard page.
+    pub fn new(size: usize) -> nix::Result<ChildStack> {
+        const PAGE: usize = 4096;
+        let len = size.div_ceil(PAGE) * PAGE + PAGE;
+        // SAFETY: an anonymous private mapping at an address the kernel picks: no existing
+        // memory is touched; the result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(nix::Error::last());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the first page of the mapping made above; nothing refers to it yet.
+        if unsafe { libc::mprotect(base, PAGE, libc::PROT_NONE) } != 0 {
+            return Err(nix::Error::last()); // `stack` unmaps it
+        }
+        Ok(stack)
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this length; no child runs on it any more
+        // (a vfork child has exec'd or exited before `vfork_spawn` returned).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Start a process the way posix_spawn does: `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` runs
+/// `child` on `stack` in a new process that shares our memory (no page tables copied, no
+/// copy-on-write faults afterwards) while we are suspended until it has exec'd or exited.
+/// It has its own copy of the descriptor table and of the signal dispositions.
+///
+/// `child` must not allocate or otherwise change state that we share (the heap, statics): it
+/// may only make syscalls on values prepared before, then execve or `exit_now`. Callers must be
+/// single-threaded (init is), so no other thread can run on the shared memory meanwhile, and
+/// must have every signal with a handler blocked (init's are all routed to a signalfd).
+pub fn vfork_spawn<F: FnMut() -> i32>(stack: &mut ChildStack, child: &mut F) -> nix::Result<Pid> {
+    extern "C" fn trampoline<F: FnMut() -> i32>(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&mut F` passed to clone below; the parent stays suspended in
+        // clone (CLONE_VFORK) until this child has exec'd or exited, so the closure outlives
+        // every use here and nothing else touches it meanwhile.
+        let f = unsafe { &mut *(arg as *mut F) };
+        f()
+    }
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    // SAFETY: the stack pointer is the top of a live mapping `stack` owns, 16-byte aligned (the
+    // mapping's length is whole pages) and kept alive by the borrow until clone returns — by
+    // then the child no longer uses it (CLONE_VFORK). The callback follows the contract in this
+    // function's documentation; `arg` points to the caller's closure.
+    let pid = unsafe {
+        let top = (stack.base as *mut u8).add(stack.len) as *mut libc::c_void;
+        libc::clone(
+            trampoline::<F>,
+            top,
+            flags,
+            child as *mut F as *mut libc::c_void,
+        )
+    };
+    if pid == -1 {
+        Err(nix::Error::last())
+    } else {
+        Ok(Pid::from_raw(pid))
+    }
+}
+
+/// execve(2) with argv and envp already NULL-terminated pointer arrays, built before a
+/// [`vfork_spawn`]: nothing here allocates. Returns (the error) only on failure.
+pub fn execve_prepared(
+    program: &std::ffi::CStr,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> nix::Error {
+    if argv.last().is_none_or(|p| !p.is_null()) || envp.last().is_none_or(|p| !p.is_null()) {
+        return nix::Error::EINVAL;
+    }
+    // SAFETY: `program` is NUL-terminated; both arrays end with NULL (checked above) and the
+    // caller keeps the strings they point to alive (they come from live CStrings).
+    unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    nix::Error::last()
+}
+
 /// Mark every descriptor from `first` up close-on-exec (`close_range(2)` with
 /// `CLOSE_RANGE_CLOEXEC`), falling back to walking /proc/self/fd.
 pub fn cloexec_from(first: RawFd) -> nix::Result<()> {
@@ -170,6 +268,22 @@ pub fn set_thread_nice(value: i32) -> nix::Result<()> {
     // SAFETY: setpriority takes plain integers; who = 0 with PRIO_PROCESS names the calling
     // thread on Linux.
     let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) };
+    nix::errno::Errno::result(r).map(drop)
+}
+
+/// Put thread `tid` (0: the calling thread) in or out of the SCHED_IDLE class: an idle-class
+/// thread never preempts a normal one when it wakes and runs when a CPU has nothing else to
+/// do; out of it, it is a normal thread again.
+pub fn set_thread_idle_class(tid: i32, idle: bool) -> nix::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: `param` is a valid sched_param for the call's duration; the other arguments are
+    // plain integers.
+    let r = unsafe { libc::sched_setscheduler(tid, policy, &param) };
     nix::errno::Errno::result(r).map(drop)
 }
 
