@@ -3,7 +3,9 @@
 //! and in a back-to-back burst that drains them; and cold, `--warm 0`); a sandbox whose entrypoint is `/bin/true` from create to its
 //! returncode; the exec round trip into a running sandbox; 100 concurrent execs over one HTTP/2
 //! connection; and `sbx run /bin/true` end to end. `crun run` / `crun exec` on the same busybox
-//! rootfs are measured in the same run, and the ratios printed.
+//! rootfs are measured in the same run, and the ratios printed. Before each timed phase sbxd
+//! settles: the previous phase's teardowns are done and its warm sandboxes ready again (both
+//! read from /metrics), so a phase measures its own work.
 //!
 //! Run as root: `cargo bench --bench daemon` (env `SBX_BENCH_ROUNDS`, default 200).
 
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 struct Daemon {
     child: std::process::Child,
     dir: std::path::PathBuf,
+    run: std::path::PathBuf,
 }
 
 impl Daemon {
@@ -31,13 +34,17 @@ impl Daemon {
         let dir = support::test_root().join(format!("bench-daemon-{}-{warm}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // The run dir (sockets, mount points) on tmpfs under /run, as sbxd's default /run/sbx.
+        let run =
+            std::path::Path::new("/run").join(format!("sbx-bench-{}-{warm}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
         let child = Command::new(env!("CARGO_BIN_EXE_sbxd"))
             .arg("--socket")
             .arg(dir.join("sbxd.sock"))
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--run-dir")
-            .arg(dir.join("run"))
+            .arg(&run)
             .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
             .env("SBX_LOG", "warn")
             .env("SBX_WARM", warm.to_string())
@@ -51,29 +58,47 @@ impl Daemon {
             assert!(t.elapsed() < Duration::from_secs(20), "sbxd did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { child, dir }
+        Daemon { child, dir, run }
     }
 
     fn socket(&self) -> std::path::PathBuf {
         self.dir.join("sbxd.sock")
     }
 
-    /// (hits, misses) of warm sandboxes so far, from /metrics.
-    fn warm_counts(&self) -> (u64, u64) {
+    /// A series of /metrics (its first sample starting with `series `), 0 if absent.
+    fn metric(&self, series: &str) -> u64 {
         use std::io::{Read, Write};
         let mut s = std::os::unix::net::UnixStream::connect(self.socket()).expect("connect");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: sbx\r\nConnection: close\r\n\r\n")
             .expect("send");
         let mut body = String::new();
         s.read_to_string(&mut body).expect("read");
-        let count = |what: &str| {
-            body.lines()
-                .find(|l| l.starts_with(&format!("sbx_warm_creates_total{{result=\"{what}\"}}")))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        };
-        (count("hit"), count("miss"))
+        body.lines()
+            .find(|l| l.starts_with(&format!("{series} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// (hits, misses) of warm sandboxes so far.
+    fn warm_counts(&self) -> (u64, u64) {
+        (
+            self.metric("sbx_warm_creates_total{result=\"hit\"}"),
+            self.metric("sbx_warm_creates_total{result=\"miss\"}"),
+        )
+    }
+
+    /// Wait (at most 20 s) until the previous phase's sandboxes are torn down and `warm`
+    /// sandboxes are ready again: a phase measures its own work, not the background work the
+    /// one before left behind.
+    fn settle(&self, warm: u64) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20)
+            && (self.metric("sbx_teardowns_pending") > 0
+                || self.metric("sbx_warm_sandboxes") < warm)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -85,6 +110,7 @@ impl Drop for Daemon {
         );
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.run);
     }
 }
 
@@ -133,10 +159,14 @@ fn main() {
     };
 
     // create → first exec of /bin/true → exit. Each sandbox is deleted after its round,
-    // untimed; `pause` (untimed) comes before each round: a steady rate of creates.
-    let first_exec = |client: &Client, pause: Duration, rounds: usize| {
+    // untimed; `pause` (untimed) comes before each round: a steady rate of creates. After 10
+    // rounds of warm-up the daemon settles (`warm` ready again, teardowns done).
+    let first_exec = |client: &Client, d: &Daemon, warm: u64, pause: Duration, rounds: usize| {
         let mut v = Vec::with_capacity(rounds);
         for i in 0..rounds + 10 {
+            if i == 10 {
+                d.settle(warm);
+            }
             std::thread::sleep(pause);
             let t = Instant::now();
             let sb = rt.block_on(async {
@@ -154,15 +184,17 @@ fn main() {
     };
     let pace = Duration::from_millis(30);
     let (h0, m0) = daemon.warm_counts();
-    let warm_paced = first_exec(&client, pace, rounds);
+    let warm = sbx::daemon::DEFAULT_WARM as u64;
+    let warm_paced = first_exec(&client, &daemon, warm, pace, rounds);
     let (h1, m1) = daemon.warm_counts();
-    let warm_burst = first_exec(&client, Duration::ZERO, rounds);
+    let warm_burst = first_exec(&client, &daemon, warm, Duration::ZERO, rounds);
     let (h2, m2) = daemon.warm_counts();
-    let cold = first_exec(&cold_client, pace, rounds);
+    let cold = first_exec(&cold_client, &cold_daemon, 0, pace, rounds);
     drop(cold_client);
     drop(cold_daemon);
 
     // An entrypoint /bin/true: create → returncode.
+    daemon.settle(warm);
     let entry = measure(rounds, || {
         rt.block_on(async {
             let sb = Sandbox::create(
@@ -183,6 +215,7 @@ fn main() {
     let sb = rt
         .block_on(Sandbox::create(&client, params()))
         .expect("create");
+    daemon.settle(warm);
     let exec = measure(rounds * 5, || {
         rt.block_on(async {
             let p = sb.exec_with(quiet(&["/bin/true"])).await.expect("exec");

@@ -14,6 +14,7 @@ pub mod output;
 pub mod server;
 pub mod store;
 mod warm;
+mod writer;
 
 use crate::api::{
     self, ApiError, CreateSandbox, EndReason, ErrorCode, Event, EventKind, ExecInfo, ExecRequest,
@@ -337,8 +338,7 @@ pub struct Daemon {
     rt: RuntimeConfig,
     pub(crate) store: Arc<Store>,
     /// Store writes that need not delay a reply (exec records), applied in order.
-    writer: Mutex<std::sync::mpsc::Sender<StoreJob>>,
-    writer_sched: Arc<WriterSched>,
+    writer: writer::StoreWriter,
     live: Mutex<HashMap<String, Arc<Live>>>,
     pub(crate) warm: Arc<warm::Warm>,
     pub(crate) create_latency: Histogram,
@@ -354,109 +354,6 @@ pub struct Daemon {
     /// imports, snapshots, builds) and exclusively by the garbage collection after an image
     /// removal, so it never deletes a blob a write has stored but not yet recorded.
     pub(crate) image_gc: Arc<tokio::sync::RwLock<()>>,
-}
-
-type StoreJob = Box<dyn FnOnce(&Store) + Send>;
-
-/// How the store writer is scheduled. It runs in the SCHED_IDLE class while its queue is short
-/// and nobody waits for it: an exec's start or exit record then never preempts the thread
-/// that is about to reply to the client (measured: ~0.15 ms of every exec round trip on 2
-/// CPUs). It is lifted to the normal class (and goes back once its queue is empty) when a
-/// [`Daemon::store_flush`] waits, when its queue grows long, when anyone waits for the store
-/// connection it may hold, and when it made no progress for a tick of the watchdog
-/// ([`Daemon::writer_watchdog`]): a busy machine delays the records a little, never starves
-/// them or the threads that read the store.
-struct WriterSched {
-    /// The writer thread's id (0 until it runs).
-    tid: std::sync::atomic::AtomicI32,
-    /// Jobs queued and not yet done.
-    backlog: AtomicU64,
-    /// Jobs done.
-    done: AtomicU64,
-    /// Flushes waiting.
-    urgent: AtomicU64,
-    /// Whether the writer is in the idle class now (changed only under this lock).
-    idle: Mutex<bool>,
-}
-
-/// A backlog this long lifts the writer to the normal class.
-const WRITER_BACKLOG_BOOST: u64 = 64;
-
-/// How often the watchdog checks that a writer with work makes progress.
-const WRITER_WATCHDOG_TICK: Duration = Duration::from_millis(50);
-
-/// Lifts the store writer to the normal class when it had work but did none for a whole tick
-/// (starved of CPU in the idle class). Ends when the writer is gone.
-async fn writer_watchdog(sched: std::sync::Weak<WriterSched>) {
-    let mut last_done = 0;
-    let mut tick = tokio::time::interval(WRITER_WATCHDOG_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tick.tick().await;
-        let Some(s) = sched.upgrade() else {
-            return;
-        };
-        let done = s.done.load(Ordering::SeqCst);
-        if s.backlog.load(Ordering::SeqCst) > 0 && done == last_done {
-            s.boost();
-        }
-        last_done = done;
-    }
-}
-
-impl WriterSched {
-    /// Back to the normal class (from any thread).
-    fn boost(&self) {
-        let mut idle = lock(&self.idle);
-        let tid = self.tid.load(Ordering::SeqCst);
-        if *idle && tid != 0 && runtime::sys::set_thread_idle_class(tid, false).is_ok() {
-            *idle = false;
-        }
-    }
-
-    /// On the writer: idle class again once nothing is queued and nobody waits.
-    fn settle(&self) {
-        let quiet =
-            || self.backlog.load(Ordering::SeqCst) == 0 && self.urgent.load(Ordering::SeqCst) == 0;
-        if !quiet() {
-            return;
-        }
-        let mut idle = lock(&self.idle);
-        if !*idle && quiet() && runtime::sys::set_thread_idle_class(0, true).is_ok() {
-            *idle = true;
-        }
-    }
-}
-
-/// The thread that applies deferred store writes in the order they were queued; it ends when
-/// the daemon (the sender) is dropped.
-fn store_writer(
-    store: Arc<Store>,
-) -> Result<(std::sync::mpsc::Sender<StoreJob>, Arc<WriterSched>), String> {
-    let (tx, rx) = std::sync::mpsc::channel::<StoreJob>();
-    let sched = Arc::new(WriterSched {
-        tid: std::sync::atomic::AtomicI32::new(0),
-        backlog: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        urgent: AtomicU64::new(0),
-        idle: Mutex::new(false),
-    });
-    let s = sched.clone();
-    std::thread::Builder::new()
-        .name("sbx-store-writer".into())
-        .spawn(move || {
-            s.tid
-                .store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
-            s.settle();
-            for job in rx {
-                job(&store);
-                s.done.fetch_add(1, Ordering::SeqCst);
-                s.backlog.fetch_sub(1, Ordering::SeqCst);
-                s.settle();
-            }
-        })
-        .map_err(|e| format!("start the store writer thread: {e}"))?;
-    Ok((tx, sched))
 }
 
 /// What a watcher sees of a sandbox.
@@ -1044,13 +941,7 @@ impl Daemon {
         rt.background_cleanup = true;
         let store =
             Arc::new(Store::open(&cfg.state_dir.join("sbx.db")).map_err(|e| e.to_string())?);
-        let (writer, writer_sched) = store_writer(store.clone())?;
-        let writer = Mutex::new(writer);
-        let s = writer_sched.clone();
-        store.set_on_contention(move || s.boost());
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(writer_watchdog(Arc::downgrade(&writer_sched)));
-        }
+        let writer = writer::StoreWriter::start(store.clone())?;
         let cgroup_version = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
             "v2"
         } else {
@@ -1063,7 +954,6 @@ impl Daemon {
             rt,
             store,
             writer,
-            writer_sched,
             live: Mutex::new(HashMap::new()),
             warm,
             create_latency: Histogram::new(),
@@ -1107,29 +997,21 @@ impl Daemon {
 
     /// Queue a store write behind the earlier ones (see [`Daemon::store_flush`]).
     fn store_later(&self, job: impl FnOnce(&Store) + Send + 'static) {
-        let queued = self.writer_sched.backlog.fetch_add(1, Ordering::SeqCst) + 1;
-        let sent = lock(&self.writer).send(Box::new(job));
-        if let Err(std::sync::mpsc::SendError(job)) = sent {
-            // The writer thread is gone (it never panics by design): write here.
-            self.writer_sched.backlog.fetch_sub(1, Ordering::SeqCst);
+        if let Err(job) = self.writer.later(Box::new(job)) {
+            // The writer has ended (sbxd is stopping): write here.
             job(&self.store);
-            return;
-        }
-        if queued >= WRITER_BACKLOG_BOOST {
-            self.writer_sched.boost();
         }
     }
 
     /// Wait until every write queued so far is in the store.
     async fn store_flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sched = self.writer_sched.clone();
-        sched.urgent.fetch_add(1, Ordering::SeqCst);
-        sched.boost();
-        self.store_later(move |_| {
-            sched.urgent.fetch_sub(1, Ordering::SeqCst);
+        let done: writer::StoreJob = Box::new(move |_| {
             let _ = tx.send(());
         });
+        if let Err(job) = self.writer.urgent(done) {
+            job(&self.store);
+        }
         let _ = rx.await;
     }
 

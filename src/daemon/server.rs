@@ -298,6 +298,11 @@ async fn metrics(State(d): D) -> Response {
     );
     let _ = writeln!(
         out,
+        "# HELP sbx_teardowns_pending Teardowns of ended sandboxes queued or running in the background (cgroup and directory removal).\n# TYPE sbx_teardowns_pending gauge\nsbx_teardowns_pending {}",
+        crate::runtime::janitor::pending()
+    );
+    let _ = writeln!(
+        out,
         "# HELP sbx_warm_creates_total Creates that could use a warm sandbox, by whether one was ready.\n# TYPE sbx_warm_creates_total counter\nsbx_warm_creates_total{{result=\"hit\"}} {}\nsbx_warm_creates_total{{result=\"miss\"}} {}",
         d.warm.hits.load(std::sync::atomic::Ordering::Relaxed),
         d.warm.misses.load(std::sync::atomic::Ordering::Relaxed)

@@ -492,6 +492,9 @@ struct V1Dirs {
 pub struct SandboxCgroup {
     name: String,
     layout: Layout,
+    /// The file [`Self::oom_kills`] reads, opened on first use and then read with pread: it
+    /// is read at every exec's start, and open + read + close cost several syscalls.
+    oom_file: std::sync::Arc<std::sync::OnceLock<fs::File>>,
 }
 
 impl SandboxCgroup {
@@ -535,6 +538,7 @@ impl SandboxCgroup {
         let cgroup = SandboxCgroup {
             name: name.to_string(),
             layout: base.layout(name),
+            oom_file: Default::default(),
         };
         if cgroup.dirs().iter().any(|dir| dir.is_dir()) {
             Ok(cgroup)
@@ -554,6 +558,7 @@ impl SandboxCgroup {
         let cgroup = SandboxCgroup {
             name: name.to_string(),
             layout: base.layout(name),
+            oom_file: Default::default(),
         };
         cgroup.make_dirs()?;
         if let Err(cause) = cgroup.apply(limits) {
@@ -690,13 +695,24 @@ impl SandboxCgroup {
     /// How many processes the kernel OOM killer killed in this cgroup (v1: `oom_kill` of
     /// `memory.oom_control`; v2: `oom_kill` of `memory.events`). 0 if unknown.
     pub fn oom_kills(&self) -> u64 {
-        let file = match &self.layout {
-            Layout::V1(d) => d.memory.1.join("memory.oom_control"),
-            Layout::V2 { dir, .. } => dir.join("memory.events"),
-        };
-        fs::read_to_string(file)
-            .ok()
-            .and_then(|content| keyed_value(&content, "oom_kill"))
+        use std::os::unix::fs::FileExt;
+        if self.oom_file.get().is_none() {
+            // Not cached on failure (no memory controller, out of descriptors): tried again.
+            let path = match &self.layout {
+                Layout::V1(d) => d.memory.1.join("memory.oom_control"),
+                Layout::V2 { dir, .. } => dir.join("memory.events"),
+            };
+            if let Ok(f) = fs::File::open(path) {
+                let _ = self.oom_file.set(f);
+            }
+        }
+        // Both files are a few short `key value` lines: well under a page.
+        let mut buf = [0u8; 1024];
+        self.oom_file
+            .get()
+            .and_then(|f| f.read_at(&mut buf, 0).ok())
+            .and_then(|n| std::str::from_utf8(&buf[..n]).ok())
+            .and_then(|content| keyed_value(content, "oom_kill"))
             .unwrap_or(0)
     }
 

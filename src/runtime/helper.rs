@@ -177,13 +177,13 @@ fn prepare_namespaces() -> Result<(), HelperError> {
 fn run(control: &OwnedFd) -> Result<WaitStatus, HelperError> {
     let (cfg, _): (HelperConfig, _) =
         proto::expect(control.as_raw_fd(), "helper config").map_err(HelperError::Config)?;
-    // A pre-forked helper waited at background priority; the sandbox it now builds (and every
-    // process in it) runs at normal priority — unless it is started ahead of need
-    // (`background`): then it stays niced until `Sandbox::set_foreground` renices helper and init.
-    // (Needs CAP_SYS_NICE, which host root has; without it the sandbox stays niced rather
-    // than failing.)
+    // A pre-forked helper waited at background priority; the sandbox it now builds runs at
+    // INIT_NICE (helper and init; the processes init starts go back to 0) — unless it is
+    // started ahead of need (`background`): then it stays niced until `Sandbox::set_foreground`
+    // renices helper and init. (Needs CAP_SYS_NICE, which host root has; without it the
+    // sandbox stays niced rather than failing.)
     if !cfg.background {
-        let _ = super::sys::set_thread_nice(0);
+        let _ = super::sys::set_thread_nice(super::INIT_NICE);
     }
 
     // A private mount namespace for the helper: the overlay and binds exist only here and in the

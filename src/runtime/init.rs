@@ -1042,6 +1042,9 @@ fn exec_child(
     }
     // Signals: init blocks them for its signalfd; the payload starts with defaults.
     sys::reset_signals();
+    // Init runs at a raised priority (INIT_NICE); its processes at the normal one. (Raising
+    // the nice value needs no privilege; a sandbox still in the background stays there.)
+    let _ = sys::set_thread_nice(0);
     // Own session and process group, so signals and a tty apply to the whole job.
     try_step!("setsid", nix::unistd::setsid().map(drop));
     if let Some(slave) = pty_slave {

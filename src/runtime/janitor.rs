@@ -69,6 +69,15 @@ pub fn submit(job: impl FnOnce() -> Vec<String> + Send + 'static) {
     q.changed.notify_all();
 }
 
+/// Jobs submitted and not yet done (queued or running).
+pub fn pending() -> usize {
+    queue()
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pending
+}
+
 /// Wait until every submitted job is done; returns the errors they reported since the last
 /// flush. Call it before the process exits.
 pub fn flush() -> Vec<String> {
