@@ -2068,6 +2068,8 @@ impl Daemon {
         } else {
             self.store.sandbox(id)?;
         }
+        // Exec records still queued would land after the delete, as orphans.
+        self.store_flush().await;
         self.store.delete_sandbox(id)?;
         let dir = self.output_dir(id);
         let _ = std::fs::remove_dir_all(dir);
@@ -2246,33 +2248,46 @@ impl Daemon {
         let dir = self.output_dir(&live.id);
         let pty = p.pty.is_some();
         // The master stays in the Process too (resize needs it); the pump and stdin get copies.
-        let (stdout, stderr, stdin) = if let Some(master) = p.pty.as_ref() {
-            let m = master.try_clone().map_err(internal)?;
-            let w = master.try_clone().map_err(internal)?;
-            (
-                Spool::pump(dir.join(format!("exec-{exec_id}.stdout")), m)?,
-                Spool::empty(),
-                if want_stdin {
-                    Stdin::new(w)?
-                } else {
-                    Stdin::none()
-                },
-            )
-        } else {
-            (
-                match p.stdout.take() {
-                    Some(o) => Spool::pump(dir.join(format!("exec-{exec_id}.stdout")), o)?,
-                    None => Spool::empty(),
-                },
-                match p.stderr.take() {
-                    Some(e) => Spool::pump(dir.join(format!("exec-{exec_id}.stderr")), e)?,
-                    None => Spool::empty(),
-                },
-                match p.stdin.take() {
-                    Some(i) => Stdin::new(i)?,
-                    None => Stdin::none(),
-                },
-            )
+        // If that fails, the process runs with nobody to read it: kill it and report.
+        let plumbed = (|| -> Result<(Arc<Spool>, Arc<Spool>, Stdin), ApiError> {
+            Ok(if let Some(master) = p.pty.as_ref() {
+                let m = master.try_clone().map_err(internal)?;
+                let w = master.try_clone().map_err(internal)?;
+                (
+                    Spool::pump(dir.join(format!("exec-{exec_id}.stdout")), m)?,
+                    Spool::empty(),
+                    if want_stdin {
+                        Stdin::new(w)?
+                    } else {
+                        Stdin::none()
+                    },
+                )
+            } else {
+                (
+                    match p.stdout.take() {
+                        Some(o) => Spool::pump(dir.join(format!("exec-{exec_id}.stdout")), o)?,
+                        None => Spool::empty(),
+                    },
+                    match p.stderr.take() {
+                        Some(e) => Spool::pump(dir.join(format!("exec-{exec_id}.stderr")), e)?,
+                        None => Spool::empty(),
+                    },
+                    match p.stdin.take() {
+                        Some(i) => Stdin::new(i)?,
+                        None => Stdin::none(),
+                    },
+                )
+            })
+        })();
+        let (stdout, stderr, stdin) = match plumbed {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = p.signal(libc::SIGKILL);
+                live.touch();
+                live.active_execs.fetch_sub(1, Ordering::SeqCst);
+                live.touch();
+                return Err(e);
+            }
         };
         let info = ExecInfo {
             exec_id: exec_id.clone(),

@@ -265,7 +265,18 @@ impl Warm {
                 let _ = tokio::time::timeout(Duration::from_secs(5), self.wake.notified()).await;
                 continue;
             };
+            // Busy from here: close() waits for us, or we see it closed after the wait.
+            self.busy.send_replace(true);
             self.quiet(&shape).await;
+            let still_wanted = !self.closed.load(Ordering::SeqCst)
+                && lock(&self.slots)
+                    .iter()
+                    .any(|s| s.shape == shape && s.ready.len() < self.per_shape);
+            if !still_wanted {
+                // Closed, drained (an image removal) or filled meanwhile.
+                self.busy.send_replace(false);
+                continue;
+            }
             let id = new_id();
             let spec = runtime::SandboxSpec {
                 id: Some(id.clone()),
@@ -275,7 +286,6 @@ impl Warm {
                 ..Default::default()
             };
             let rt = self.rt.clone();
-            self.busy.send_replace(true);
             let started = tokio::task::spawn_blocking(move || {
                 // The host-side setup too runs behind the sandboxes in use; the pool thread
                 // goes back to normal priority for whatever it runs next.

@@ -18,7 +18,7 @@
 use super::store::Store;
 use crate::runtime;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
@@ -57,35 +57,44 @@ struct Shared {
     done: AtomicU64,
     /// Flushes waiting.
     urgent: AtomicU64,
-    /// Whether the writer is in the idle class now (changed only under this lock).
-    idle: Mutex<bool>,
+    /// Whether the writer is in the idle class. No lock: the writer never holds one that a
+    /// normal thread could then wait for while it is starved.
+    idle: AtomicBool,
 }
 
 impl Shared {
-    /// Back to the normal class (from any thread).
+    fn quiet(&self) -> bool {
+        self.backlog.load(Ordering::SeqCst) == 0 && self.urgent.load(Ordering::SeqCst) == 0
+    }
+
+    /// Back to the normal class (from any thread). Callers count their job or wait first, so
+    /// a writer going idle at the same moment sees them in [`Self::settle`] and comes back.
     fn boost(&self) {
-        let mut idle = lock(&self.idle);
         let tid = self.tid.load(Ordering::SeqCst);
-        if *idle && tid != 0 && runtime::sys::set_thread_idle_class(tid, false).is_ok() {
-            *idle = false;
+        if self.idle.load(Ordering::SeqCst)
+            && tid != 0
+            && runtime::sys::set_thread_idle_class(tid, false).is_ok()
+        {
+            self.idle.store(false, Ordering::SeqCst);
         }
     }
 
     /// On the writer: idle class again once nothing is queued and nobody waits.
     fn settle(&self) {
-        let quiet =
-            || self.backlog.load(Ordering::SeqCst) == 0 && self.urgent.load(Ordering::SeqCst) == 0;
-        if !quiet() {
+        if !self.quiet() || self.idle.load(Ordering::SeqCst) {
             return;
         }
-        let mut idle = lock(&self.idle);
-        if !*idle && quiet() && runtime::sys::set_thread_idle_class(0, true).is_ok() {
-            *idle = true;
+        if runtime::sys::set_thread_idle_class(0, true).is_ok() {
+            self.idle.store(true, Ordering::SeqCst);
+            // A job or a flush that came meanwhile may have found us not yet idle.
+            if !self.quiet() && runtime::sys::set_thread_idle_class(0, false).is_ok() {
+                self.idle.store(false, Ordering::SeqCst);
+            }
         }
     }
 
     /// The next batch: after a nap, or once a push wakes us; None once closed and drained.
-    fn next_batch(&self) -> Option<Vec<StoreJob>> {
+    fn next_batch(&self) -> Option<VecDeque<StoreJob>> {
         let mut q = lock(&self.queue);
         if q.jobs.is_empty() && !q.closed {
             q = self
@@ -102,16 +111,32 @@ impl Shared {
         if q.jobs.is_empty() {
             return None; // closed
         }
-        Some(q.jobs.drain(..).collect())
+        Some(std::mem::take(&mut q.jobs))
     }
 
     fn run(&self, store: &Store) {
+        /// However the loop ends, queue closed, jobs dropped (a flush waiting on one wakes)
+        /// and the thread id forgotten (it may be reused).
+        struct Ended<'a>(&'a Shared);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                self.0.tid.store(0, Ordering::SeqCst);
+                let mut q = lock(&self.0.queue);
+                q.closed = true;
+                q.jobs.clear();
+            }
+        }
+        let _ended = Ended(self);
         self.tid
             .store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
         self.settle();
         while let Some(batch) = self.next_batch() {
             for job in batch {
-                job(store);
+                // A job that panics loses its record, not the writer.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(store)));
+                if run.is_err() {
+                    tracing::error!("a store write panicked; its record is lost");
+                }
                 self.done.fetch_add(1, Ordering::SeqCst);
                 self.backlog.fetch_sub(1, Ordering::SeqCst);
             }
@@ -139,7 +164,7 @@ impl StoreWriter {
             backlog: AtomicU64::new(0),
             done: AtomicU64::new(0),
             urgent: AtomicU64::new(0),
-            idle: Mutex::new(false),
+            idle: AtomicBool::new(false),
         });
         let s = shared.clone();
         store.set_on_contention(move || s.boost());
@@ -160,7 +185,16 @@ impl StoreWriter {
         let queued = s.backlog.fetch_add(1, Ordering::SeqCst) + 1;
         let urgent = queued >= BACKLOG_BOOST || s.urgent.load(Ordering::SeqCst) > 0;
         let wake = {
-            let mut q = lock(&s.queue);
+            // The writer may hold the queue lock while starved in the idle class: lift it
+            // rather than wait behind it.
+            let mut q = match s.queue.try_lock() {
+                Ok(q) => q,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    s.boost();
+                    lock(&s.queue)
+                }
+            };
             if q.closed {
                 drop(q);
                 s.backlog.fetch_sub(1, Ordering::SeqCst);

@@ -553,8 +553,9 @@ fn readonly(path: &str) -> Result<(), SetupError> {
 /// The running init: its listener, the open exec connections, and which pid belongs to which.
 ///
 /// A start waits in the clone for its child's execve (vfork-style, see [`sys::vfork_spawn`]):
-/// a child stopped in that window (sandbox root has CAP_KILL) holds up this init until it is
-/// continued or killed — only this sandbox, by its own code. Whether the execve worked is read
+/// a child stopped in that window (by sandbox root, which has CAP_KILL, or once it took the
+/// exec's uid by any process of that uid) holds up this init until it is continued or killed —
+/// only this sandbox, by its own code. Whether the execve worked is read
 /// from a pipe that sits in the poll set.
 struct Init {
     listener: OwnedFd,
@@ -608,7 +609,11 @@ impl Init {
             procs: HashMap::new(),
             pending: HashMap::new(),
             entrypoint: None,
-            stack: sys::ChildStack::new(CHILD_STACK).ok(),
+            // A child sharing our memory must not allocate: only when close_range works (its
+            // fallback reads /proc into a Vec) do children start vfork-style.
+            stack: sys::close_range_cloexec_works()
+                .then(|| sys::ChildStack::new(CHILD_STACK).ok())
+                .flatten(),
         }
     }
 

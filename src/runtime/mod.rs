@@ -523,8 +523,12 @@ impl Sandbox {
     /// and init get [`INIT_NICE`] (every process init starts from now on runs at nice 0).
     /// Processes already running inside keep their priority. Best effort: needs CAP_SYS_NICE.
     pub fn set_foreground(&self) {
+        // The helper is our child (its pid stays ours until we reap it); init's pid is only
+        // ours while init lives, which its pidfd tells (a raised priority must never reach a
+        // process that reused the pid).
         let helper = lock(&self.inner.helper).as_ref().map(|c| c.id() as i32);
-        for pid in helper.into_iter().chain([self.inner.init_pid]) {
+        let init = self.inner.init_alive().then_some(self.inner.init_pid);
+        for pid in helper.into_iter().chain(init) {
             // Fails only without CAP_SYS_NICE or when the process is gone (then nothing
             // runs at background priority any more either).
             let _ = sys::set_process_nice(pid, INIT_NICE);
