@@ -12,10 +12,8 @@ mod support;
 mod daemon;
 
 use daemon::TestDaemon;
-use sbx::client::{Client, CreateSandbox, Sandbox as ClientSandbox};
+use sbx::client::{CreateSandbox, Sandbox as ClientSandbox};
 use sbx::runtime::{ExecSpec, ImageRef, RuntimeError, Sandbox, SandboxSpec, SeccompProfile};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio as ProcStdio};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -487,22 +485,6 @@ fn init_runs_at_nice_minus_5_and_its_processes_at_0() {
     destroy_and_check(sb);
 }
 
-/// A metric's value from sbxd's /metrics (`name` includes the labels).
-async fn metric(d: &TestDaemon, name: &str) -> u64 {
-    let (status, body) = d.raw("GET", "/metrics", b"").await;
-    assert_eq!(status, 200);
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
-async fn client_sh(sb: &ClientSandbox, script: &str) -> (i32, String) {
-    let p = sb.exec(["/bin/sh", "-c", script]).await.expect("exec");
-    let out = p.stdout().read_text().await.expect("read stdout");
-    (p.wait().await.expect("wait"), out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_taken_from_the_warm_pool_has_the_same_priorities() {
     let d = TestDaemon::start("exec-spawn-warm-nice").await;
@@ -511,7 +493,7 @@ async fn a_sandbox_taken_from_the_warm_pool_has_the_same_priorities() {
         .await
         .expect("create the first sandbox");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while metric(&d, "sbx_warm_sandboxes").await < 1 {
+    while d.metric("sbx_warm_sandboxes").await < 1 {
         assert!(
             Instant::now() < deadline,
             "no warm sandbox after 15 s; log:\n{}",
@@ -519,17 +501,17 @@ async fn a_sandbox_taken_from_the_warm_pool_has_the_same_priorities() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let hits = metric(&d, "sbx_warm_creates_total{result=\"hit\"}").await;
+    let hits = d.metric("sbx_warm_creates_total{result=\"hit\"}").await;
     let warm = ClientSandbox::create(&c, CreateSandbox::default())
         .await
         .expect("create the second sandbox");
     assert_eq!(
-        metric(&d, "sbx_warm_creates_total{result=\"hit\"}").await,
+        d.metric("sbx_warm_creates_total{result=\"hit\"}").await,
         hits + 1,
         "the second create did not take a warm sandbox"
     );
     for (name, sb) in [("cold", &cold), ("warm", &warm)] {
-        let (rc, out) = client_sh(
+        let (rc, out) = daemon::sh(
             sb,
             "cut -d' ' -f19 /proc/self/stat; cut -d' ' -f19 /proc/1/stat",
         )
@@ -544,144 +526,10 @@ async fn a_sandbox_taken_from_the_warm_pool_has_the_same_priorities() {
 // ---------------------------------------------------------------------------------------------
 // 6. Exec records survive a quick graceful stop.
 
-/// A sbxd on fixed directories under `root`, so a second one can start on the first one's
-/// state. Stopped by pid (SIGTERM); a failed test's drop stops it too.
-struct Sbxd {
-    root: PathBuf,
-    child: Option<Child>,
-}
-
-impl Sbxd {
-    async fn start(root: &Path) -> Sbxd {
-        std::fs::create_dir_all(root).expect("create the sbxd root");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(root.join("sbxd.log"))
-            .expect("open the sbxd log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sbxd"))
-            .arg("--socket")
-            .arg(root.join("sbxd.sock"))
-            .arg("--state-dir")
-            .arg(root.join("state"))
-            .arg("--run-dir")
-            .arg(root.join("run"))
-            .args(["--warm", "0"])
-            .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
-            .env_remove("SBX_SOCKET")
-            .env_remove("SBX_STATE_DIR")
-            .env_remove("SBX_RUN_DIR")
-            .env_remove("SBX_WARM")
-            .stdin(ProcStdio::null())
-            .stdout(log.try_clone().expect("dup the sbxd log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sbxd");
-        let mut d = Sbxd {
-            root: root.to_path_buf(),
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("sbxd exited with {st} before serving; log:\n{}", d.log());
-            }
-            if let Ok(c) = Client::connect_to(d.socket()).await {
-                if c.health().await.is_ok() {
-                    return d;
-                }
-            }
-            assert!(Instant::now() < deadline, "sbxd did not serve within 30 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.root.join("sbxd.sock")
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect_to(self.socket())
-            .await
-            .expect("connect to sbxd")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.root.join("sbxd.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM by pid; asserts sbxd exits cleanly within 30 s.
-    async fn stop(&mut self) {
-        let mut child = self.child.take().expect("sbxd runs");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM sbxd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("poll sbxd") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "sbxd did not exit within 30 s of SIGTERM; log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(
-            status.success(),
-            "sbxd exited with {status}; log:\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Sbxd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!("--- sbxd log ---\n{}", self.log());
-        }
-    }
-}
-
-/// Mount points at or below `root`.
-fn mounts_under(root: &Path) -> Vec<String> {
-    let prefix = root.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("read mountinfo")
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
-        .map(str::to_string)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_records_are_in_the_store_after_a_quick_graceful_stop() {
     const EXECS: usize = 100;
-    let root =
-        PathBuf::from(format!("/tmp/sbx-it-exec-spawn-{}", std::process::id())).join("store-flush");
-    if root.exists() {
-        assert!(
-            mounts_under(&root).is_empty(),
-            "mounts under {}",
-            root.display()
-        );
-        std::fs::remove_dir_all(&root).expect("remove the old test root");
-    }
-    let mut d = Sbxd::start(&root).await;
+    let mut d = TestDaemon::start("exec-spawn-store-flush").await;
     let c = d.client().await;
     let sb = ClientSandbox::create(&c, CreateSandbox::default())
         .await
@@ -709,13 +557,11 @@ async fn exec_records_are_in_the_store_after_a_quick_graceful_stop() {
             execs.push(r.expect("exec task"));
         }
     }
-    // Stop right away: whatever the store writer still has queued must be written first.
+    // Stop right away (whatever the store writer still has queued must be written first), and
+    // a new sbxd on the same state reads every exec as exited with its code.
     drop(sb);
     drop(c);
-    d.stop().await;
-
-    // A new sbxd on the same state reads every exec as exited with its code.
-    let mut d = Sbxd::start(&root).await;
+    d.restart().await;
     let c = d.client().await;
     let sb = ClientSandbox::from_id(&c, &sandbox_id)
         .await
@@ -751,26 +597,10 @@ async fn exec_records_are_in_the_store_after_a_quick_graceful_stop() {
     sb.delete().await.expect("delete the sandbox");
     drop(sb);
     drop(c);
-    d.stop().await;
-    for dir in ["run/sandboxes", "state/sandboxes"] {
-        let left: Vec<_> = std::fs::read_dir(root.join(dir))
-            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(
-            left.is_empty(),
-            "per-sandbox directories left in {dir}: {left:?}"
-        );
-    }
     assert!(
         cgroup_dirs(&sandbox_id).is_empty(),
         "cgroups left: {:?}",
         cgroup_dirs(&sandbox_id)
     );
-    assert!(
-        mounts_under(&root).is_empty(),
-        "mounts left: {:?}",
-        mounts_under(&root)
-    );
-    std::fs::remove_dir_all(&root).expect("remove the test root");
-    let _ = std::fs::remove_dir(root.parent().expect("a parent"));
+    d.finish().await;
 }

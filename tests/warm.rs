@@ -8,26 +8,16 @@
 #[path = "support/daemon.rs"]
 mod daemon;
 
-use daemon::TestDaemon;
+use daemon::{sh, TestDaemon};
 use sbx::api::{EventKind, VolumeMount};
 use sbx::client::{CreateSandbox, Sandbox};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A metric's value from sbxd's /metrics (`name` includes the labels).
-async fn metric(d: &TestDaemon, name: &str) -> u64 {
-    let (status, body) = d.raw("GET", "/metrics", b"").await;
-    assert_eq!(status, 200);
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
 /// Wait until sbxd has at least `n` warm sandboxes ready.
 async fn until_warm(d: &TestDaemon, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(d, "sbx_warm_sandboxes").await < n {
+    while d.metric("sbx_warm_sandboxes").await < n {
         assert!(
             Instant::now() < deadline,
             "fewer than {n} warm sandboxes after 30 s; log:\n{}",
@@ -52,12 +42,6 @@ fn cgroup_file(controller: &str, v1: &str, v2: &str, id: &str) -> String {
         .to_string()
 }
 
-async fn sh(sb: &Sandbox, script: &str) -> (i32, String) {
-    let p = sb.exec(["/bin/sh", "-c", script]).await.expect("exec");
-    let out = p.stdout().read_text().await.expect("read stdout");
-    (p.wait().await.expect("wait"), out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_sandbox_is_fresh_and_gets_the_limits_asked_for() {
     let d = TestDaemon::start("warm-fresh").await;
@@ -74,7 +58,7 @@ async fn a_warm_sandbox_is_fresh_and_gets_the_limits_asked_for() {
     .await;
     assert_eq!(rc, 0);
     until_warm(&d, 1).await;
-    let hits = metric(&d, "sbx_warm_creates_total{result=\"hit\"}").await;
+    let hits = d.metric("sbx_warm_creates_total{result=\"hit\"}").await;
 
     let b = Sandbox::create(
         &c,
@@ -88,7 +72,7 @@ async fn a_warm_sandbox_is_fresh_and_gets_the_limits_asked_for() {
     .await
     .expect("create b");
     assert_eq!(
-        metric(&d, "sbx_warm_creates_total{result=\"hit\"}").await,
+        d.metric("sbx_warm_creates_total{result=\"hit\"}").await,
         hits + 1,
         "the second create of the shape did not take a warm sandbox"
     );
@@ -173,8 +157,8 @@ async fn creates_with_volumes_start_cold() {
         .expect("create");
     // All of them, so the count below can only change by a create taking one.
     until_warm(&d, sbx::daemon::DEFAULT_WARM as u64).await;
-    let hits = metric(&d, "sbx_warm_creates_total{result=\"hit\"}").await;
-    let ready = metric(&d, "sbx_warm_sandboxes").await;
+    let hits = d.metric("sbx_warm_creates_total{result=\"hit\"}").await;
+    let ready = d.metric("sbx_warm_sandboxes").await;
     let v = Sandbox::create(
         &c,
         CreateSandbox {
@@ -191,10 +175,10 @@ async fn creates_with_volumes_start_cold() {
     let (rc, _) = sh(&v, "echo hi > /data/f && test -s /data/f").await;
     assert_eq!(rc, 0);
     assert_eq!(
-        metric(&d, "sbx_warm_creates_total{result=\"hit\"}").await,
+        d.metric("sbx_warm_creates_total{result=\"hit\"}").await,
         hits
     );
-    assert_eq!(metric(&d, "sbx_warm_sandboxes").await, ready);
+    assert_eq!(d.metric("sbx_warm_sandboxes").await, ready);
     v.delete().await.expect("delete");
     first.delete().await.expect("delete");
     d.finish().await;

@@ -43,23 +43,7 @@ impl TestDaemon {
                 .unwrap_or_else(|e| panic!("remove the old {}: {e}", root.display()));
         }
         std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("create {}: {e}", root.display()));
-        let log = std::fs::File::create(root.join("sbxd.log")).expect("create the sbxd log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sbxd"))
-            .arg("--socket")
-            .arg(root.join("sbxd.sock"))
-            .arg("--state-dir")
-            .arg(root.join("state"))
-            .arg("--run-dir")
-            .arg(root.join("run"))
-            .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
-            .env_remove("SBX_SOCKET")
-            .env_remove("SBX_STATE_DIR")
-            .env_remove("SBX_RUN_DIR")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup the sbxd log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sbxd");
+        let child = spawn_sbxd(&root);
         let mut d = TestDaemon {
             name: name.to_string(),
             root,
@@ -67,6 +51,48 @@ impl TestDaemon {
         };
         d.wait_until_serving().await;
         d
+    }
+
+    /// Stops sbxd (SIGTERM; asserts a clean exit) and starts a new one on the same directories
+    /// and state, as an operator restarting it would; waits until it serves.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.child = Some(spawn_sbxd(&self.root));
+        self.wait_until_serving().await;
+    }
+
+    /// A series of /metrics (`name` includes its labels), as a number.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.raw("GET", "/metrics", b"").await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
+    /// SIGTERM by pid; asserts sbxd exits cleanly within [`STOP_DEADLINE`].
+    async fn stop(&mut self) {
+        let pid = self.pid();
+        kill(pid, Signal::SIGTERM).expect("SIGTERM sbxd");
+        let deadline = Instant::now() + STOP_DEADLINE;
+        let status = loop {
+            if let Some(st) = self.child_exited() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sbxd (pid {pid}) did not exit within {STOP_DEADLINE:?} of SIGTERM; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.child = None;
+        assert!(
+            status.success(),
+            "sbxd exited with {status}; log:\n{}",
+            self.log()
+        );
     }
 
     async fn wait_until_serving(&mut self) {
@@ -172,26 +198,7 @@ impl TestDaemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(client);
-        let pid = self.pid();
-        kill(pid, Signal::SIGTERM).expect("SIGTERM sbxd");
-        let deadline = Instant::now() + STOP_DEADLINE;
-        let status = loop {
-            if let Some(st) = self.child_exited() {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sbxd (pid {pid}) did not exit within {STOP_DEADLINE:?} of SIGTERM; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        self.child = None;
-        assert!(
-            status.success(),
-            "sbxd exited with {status}; log:\n{}",
-            self.log()
-        );
+        self.stop().await;
         for dir in ["run/sandboxes", "state/sandboxes"] {
             let sandboxes = self.root.join(dir);
             let left: Vec<String> = std::fs::read_dir(&sandboxes)
@@ -250,6 +257,38 @@ impl Drop for TestDaemon {
             );
         }
     }
+}
+
+/// Starts sbxd on `<root>` (socket, state, run dirs; log appended to `<root>/sbxd.log`).
+fn spawn_sbxd(root: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("sbxd.log"))
+        .expect("open the sbxd log");
+    Command::new(env!("CARGO_BIN_EXE_sbxd"))
+        .arg("--socket")
+        .arg(root.join("sbxd.sock"))
+        .arg("--state-dir")
+        .arg(root.join("state"))
+        .arg("--run-dir")
+        .arg(root.join("run"))
+        .env("SBX_INIT", env!("CARGO_BIN_EXE_sbx-init"))
+        .env_remove("SBX_SOCKET")
+        .env_remove("SBX_STATE_DIR")
+        .env_remove("SBX_RUN_DIR")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup the sbxd log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn sbxd")
+}
+
+/// Runs `sh -c script` in `sb`; its exit code and stdout.
+pub async fn sh(sb: &Sandbox, script: &str) -> (i32, String) {
+    let p = sb.exec(["/bin/sh", "-c", script]).await.expect("exec");
+    let out = p.stdout().read_text().await.expect("read stdout");
+    (p.wait().await.expect("wait"), out)
 }
 
 /// Mount points at or below `root` (from /proc/self/mountinfo).
