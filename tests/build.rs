@@ -11,7 +11,7 @@ mod daemon;
 mod registry;
 
 use bytes::Bytes;
-use daemon::TestDaemon;
+use daemon::{run, run_ok, TestDaemon};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use registry::{busybox, write_layout_with, Tar, TempDir};
@@ -88,23 +88,6 @@ async fn create(c: &Client, image: &str) -> Sandbox {
     )
     .await
     .unwrap_or_else(|e| panic!("create a sandbox of {image}: {e}"))
-}
-
-/// Run argv in the sandbox: (exit code, stdout, stderr).
-async fn run(sb: &Sandbox, a: &[&str]) -> (i32, String, String) {
-    let p = sb
-        .exec(a.iter().copied())
-        .await
-        .unwrap_or_else(|e| panic!("exec {a:?}: {e}"));
-    let (out, err) = tokio::join!(p.stdout().read_text(), p.stderr().read_text());
-    let rc = p.wait().await.unwrap_or_else(|e| panic!("wait {a:?}: {e}"));
-    (rc, out.expect("stdout"), err.expect("stderr"))
-}
-
-async fn run_ok(sb: &Sandbox, a: &[&str]) -> String {
-    let (rc, out, err) = run(sb, a).await;
-    assert_eq!(rc, 0, "{a:?} failed: stdout={out:?} stderr={err:?}");
-    out
 }
 
 async fn terminate(sb: Sandbox) {

@@ -9,7 +9,7 @@
 #[path = "support/daemon.rs"]
 mod daemon;
 
-use daemon::TestDaemon;
+use daemon::{run, run_ok, TestDaemon};
 use futures_util::StreamExt;
 use sbx::client::{
     Client, CreateSandbox, CreateSecret, EndReason, Error, ErrorCode, EventKind, ExecRequest,
@@ -49,28 +49,6 @@ async fn create(c: &Client, params: CreateSandbox) -> Sandbox {
 /// A sandbox with no entrypoint (it stays up until terminated).
 async fn idle_sandbox(c: &Client) -> Sandbox {
     create(c, CreateSandbox::default()).await
-}
-
-/// Runs `argv` to the end: (exit code, stdout, stderr).
-async fn run(sb: &Sandbox, a: &[&str]) -> (i32, String, String) {
-    let p = sb
-        .exec(a.iter().copied())
-        .await
-        .unwrap_or_else(|e| panic!("exec {a:?}: {e}"));
-    let (out, err) = tokio::join!(p.stdout().read_text(), p.stderr().read_text());
-    let rc = p.wait().await.unwrap_or_else(|e| panic!("wait {a:?}: {e}"));
-    (
-        rc,
-        out.unwrap_or_else(|e| panic!("stdout of {a:?}: {e}")),
-        err.unwrap_or_else(|e| panic!("stderr of {a:?}: {e}")),
-    )
-}
-
-/// Runs `argv`, asserts exit 0 and returns stdout.
-async fn run_ok(sb: &Sandbox, a: &[&str]) -> String {
-    let (rc, out, err) = run(sb, a).await;
-    assert_eq!(rc, 0, "{a:?} failed: stdout={out:?} stderr={err:?}");
-    out
 }
 
 async fn terminate(sb: &Sandbox) {

@@ -11,7 +11,7 @@
 #[path = "support/daemon.rs"]
 mod daemon;
 
-use daemon::TestDaemon;
+use daemon::{run, run_ok, TestDaemon};
 use sbx::api::images::{BuildEvent, ImageInfo};
 use sbx::client::{Client, CreateSandbox, Sandbox};
 use serde_json::{json, Value};
@@ -160,6 +160,31 @@ fn assert_no_blob_holds(d: &TestDaemon, needles: &[&[u8]], min_blobs: usize) {
     }
 }
 
+/// The end of a host-escape test: no blob of the store holds `mark` or the host's /etc/shadow
+/// (at least `min_blobs` blobs scanned), the host-only directory and /etc/shadow are as they
+/// were, and sbxd still answers.
+async fn assert_host_untouched(
+    d: &TestDaemon,
+    mark: &str,
+    host: &HostDir,
+    before: &BTreeMap<PathBuf, FileState>,
+    shadow: &Option<(Vec<u8>, u32, i64, i64)>,
+    min_blobs: usize,
+) {
+    let mut needles: Vec<&[u8]> = vec![mark.as_bytes()];
+    if let Some((bytes, ..)) = shadow {
+        needles.push(bytes);
+    }
+    assert_no_blob_holds(d, &needles, min_blobs);
+    assert_eq!(
+        &fingerprint(&host.0),
+        before,
+        "the host-only directory changed"
+    );
+    assert_eq!(&host_shadow(), shadow, "the host's /etc/shadow changed");
+    health(d).await;
+}
+
 async fn health(d: &TestDaemon) {
     let (st, body) = d.raw("GET", "/v1/health", b"").await;
     assert_eq!(st, 200, "health: {}", String::from_utf8_lossy(&body));
@@ -191,23 +216,6 @@ async fn create(c: &Client, image: Option<&str>) -> Sandbox {
     )
     .await
     .unwrap_or_else(|e| panic!("create a sandbox of {image:?}: {e}"))
-}
-
-/// (exit code, stdout, stderr) of argv in the sandbox.
-async fn run(sb: &Sandbox, a: &[&str]) -> (i32, String, String) {
-    let p = sb
-        .exec(a.iter().copied())
-        .await
-        .unwrap_or_else(|e| panic!("exec {a:?}: {e}"));
-    let (out, err) = tokio::join!(p.stdout().read_text(), p.stderr().read_text());
-    let rc = p.wait().await.unwrap_or_else(|e| panic!("wait {a:?}: {e}"));
-    (rc, out.expect("stdout"), err.expect("stderr"))
-}
-
-async fn run_ok(sb: &Sandbox, a: &[&str]) -> String {
-    let (rc, out, err) = run(sb, a).await;
-    assert_eq!(rc, 0, "{a:?}: stdout={out:?} stderr={err:?}");
-    out
 }
 
 async fn sh_ok(sb: &Sandbox, script: &str) -> String {
@@ -389,18 +397,7 @@ async fn snapshot_of_hostile_entries_keeps_them_as_the_sandbox_saw_them() {
     }
     terminate(&sb2).await;
 
-    let mut needles: Vec<&[u8]> = vec![mark.as_bytes()];
-    if let Some((bytes, ..)) = &shadow {
-        needles.push(bytes);
-    }
-    assert_no_blob_holds(&d, &needles, 1);
-    assert_eq!(
-        fingerprint(&host.0),
-        before,
-        "the host-only directory changed"
-    );
-    assert_eq!(host_shadow(), shadow, "the host's /etc/shadow changed");
-    health(&d).await;
+    assert_host_untouched(&d, &mark, &host, &before, &shadow, 1).await;
     drop(c);
     d.finish().await;
 }
@@ -516,18 +513,7 @@ async fn racing_symlink_swaps_during_snapshots_leak_nothing() {
             data.len()
         );
     }
-    let mut needles: Vec<&[u8]> = vec![mark.as_bytes()];
-    if let Some((bytes, ..)) = &shadow {
-        needles.push(bytes);
-    }
-    assert_no_blob_holds(&d, &needles, ok.len().min(1));
-    assert_eq!(
-        fingerprint(&host.0),
-        before,
-        "the host-only directory changed"
-    );
-    assert_eq!(host_shadow(), shadow, "the host's /etc/shadow changed");
-    health(&d).await;
+    assert_host_untouched(&d, &mark, &host, &before, &shadow, ok.len().min(1)).await;
     drop(c);
     d.finish().await;
 }
@@ -748,18 +734,7 @@ async fn build_context_symlinks_are_copied_as_links() {
     }
     assert_eq!(run_ok(&sb, &["cat", "/opt/tree/plain"]).await, "plain\n");
     terminate(&sb).await;
-    let mut needles: Vec<&[u8]> = vec![mark.as_bytes()];
-    if let Some((bytes, ..)) = &shadow {
-        needles.push(bytes);
-    }
-    assert_no_blob_holds(&d, &needles, 3);
-    assert_eq!(
-        fingerprint(&host.0),
-        before,
-        "the host-only directory changed"
-    );
-    assert_eq!(host_shadow(), shadow, "the host's /etc/shadow changed");
-    health(&d).await;
+    assert_host_untouched(&d, &mark, &host, &before, &shadow, 3).await;
     drop(c);
     d.finish().await;
 }

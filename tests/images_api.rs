@@ -11,7 +11,7 @@ mod daemon;
 #[path = "support/registry.rs"]
 mod registry;
 
-use daemon::TestDaemon;
+use daemon::{run, TestDaemon};
 use registry::{busybox, push, run_tool, skopeo, write_layout_with, Registry, Tar, TempDir};
 use sbx::api::images::{ExportResult, ImageInfo, PullEvent};
 use sbx::client::{Client, CreateSandbox, Sandbox};
@@ -140,17 +140,6 @@ async fn create_image(c: &Client, image: &str) -> Sandbox {
         },
     )
     .await
-}
-
-/// (exit code, stdout, stderr) of argv in the sandbox.
-async fn run(sb: &Sandbox, a: &[&str]) -> (i32, String, String) {
-    let p = sb
-        .exec(a.iter().copied())
-        .await
-        .unwrap_or_else(|e| panic!("exec {a:?}: {e}"));
-    let (out, err) = tokio::join!(p.stdout().read_text(), p.stderr().read_text());
-    let rc = p.wait().await.unwrap_or_else(|e| panic!("wait {a:?}: {e}"));
-    (rc, out.expect("stdout"), err.expect("stderr"))
 }
 
 async fn sh_ok(sb: &Sandbox, script: &str) -> String {

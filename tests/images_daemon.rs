@@ -11,7 +11,7 @@ mod daemon;
 #[path = "support/registry.rs"]
 mod registry;
 
-use daemon::TestDaemon;
+use daemon::{run_ok, TestDaemon};
 use registry::{free_port, skopeo, Registry, Tar, TempDir};
 use rootfs_fetch::oci::{self, host_platform};
 use rootfs_fetch::store::Digest;
@@ -108,18 +108,6 @@ async fn create(c: &Client, image: &str, env: &[(&str, &str)]) -> Sandbox {
     )
     .await
     .unwrap_or_else(|e| panic!("create with image {image}: {e}"))
-}
-
-async fn run_ok(sb: &Sandbox, a: &[&str]) -> String {
-    let p = sb
-        .exec(a.iter().copied())
-        .await
-        .unwrap_or_else(|e| panic!("exec {a:?}: {e}"));
-    let (out, err) = tokio::join!(p.stdout().read_text(), p.stderr().read_text());
-    let rc = p.wait().await.unwrap_or_else(|e| panic!("wait {a:?}: {e}"));
-    let (out, err) = (out.expect("stdout"), err.expect("stderr"));
-    assert_eq!(rc, 0, "{a:?} failed: stdout={out:?} stderr={err:?}");
-    out
 }
 
 /// The image's file, Env (under the create's env), WorkingDir, and its Cmd not run.

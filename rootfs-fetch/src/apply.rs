@@ -544,12 +544,7 @@ impl<R: Read> Input<R> {
     ) -> Result<(), ApplyError> {
         debug_assert!(n <= self.entry_left);
         while n > 0 {
-            let want = n.min(BUF_SIZE as u64) as usize;
-            let avail = self.fill(want).map_err(|e| with_entry(e, entry))?;
-            if avail == 0 {
-                return Err(self.truncated());
-            }
-            let k = avail.min(want);
+            let k = self.next_chunk(n, entry)?;
             let data = &self.buf[self.start..self.start + k];
             let res = match pos {
                 Some(p) => file.write_all_at(data, p),
@@ -570,6 +565,17 @@ impl<R: Read> Input<R> {
         Ok(())
     }
 
+    /// Buffers the next piece (at most `n` bytes, at most a buffer) of the entry's data at
+    /// `self.buf[self.start..]`; how many bytes it is. A stream that ends first is truncated.
+    fn next_chunk(&mut self, n: u64, entry: &[u8]) -> Result<usize, ApplyError> {
+        let want = n.min(BUF_SIZE as u64) as usize;
+        let avail = self.fill(want).map_err(|e| with_entry(e, entry))?;
+        if avail == 0 {
+            return Err(self.truncated());
+        }
+        Ok(avail.min(want))
+    }
+
     /// Copies the entry's `n` data bytes to the start of the empty file `file`, leaving holes
     /// where whole [`ZERO_RUN`]-byte pieces are zero (a file that was sparse where it came
     /// from stays sparse on disk: `truncate -s 8G` in a sandbox does not cost 8 GB per
@@ -578,12 +584,7 @@ impl<R: Read> Input<R> {
         static ZEROS: [u8; ZERO_RUN] = [0; ZERO_RUN];
         let mut pos = 0u64;
         while n > 0 {
-            let want = n.min(BUF_SIZE as u64) as usize;
-            let avail = self.fill(want).map_err(|e| with_entry(e, entry))?;
-            if avail == 0 {
-                return Err(self.truncated());
-            }
-            let k = avail.min(want);
+            let k = self.next_chunk(n, entry)?;
             let data = &self.buf[self.start..self.start + k];
             let mut at = 0;
             while at < k {

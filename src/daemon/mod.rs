@@ -2117,12 +2117,16 @@ impl Daemon {
         // While the sandbox lives, every exec it started is in its live map (the store is
         // only asked once it ended: clients send an exec id with every exec).
         if let Some(x) = &req.exec_id {
-            if let Some(e) = self.exec_live(id, x) {
-                return Ok((e.info.borrow().clone(), false));
-            }
-            if self.live(id).is_none() {
-                if let Ok(info) = self.store.exec(id, x) {
-                    return Ok((info, false));
+            match self.live(id) {
+                Some(live) => {
+                    if let Some(Ok(e)) = lock(&live.execs).get(x).and_then(|c| c.get()) {
+                        return Ok((e.info.borrow().clone(), false));
+                    }
+                }
+                None => {
+                    if let Ok(info) = self.store.exec(id, x) {
+                        return Ok((info, false));
+                    }
                 }
             }
         }

@@ -104,19 +104,12 @@ pub fn vfork_spawn<F: FnMut() -> i32>(stack: &mut ChildStack, child: &mut F) -> 
         f()
     }
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
-    // SAFETY: the stack pointer is the top of a live mapping `stack` owns, 16-byte aligned (the
-    // mapping's length is whole pages) and kept alive by the borrow until clone returns — by
-    // then the child no longer uses it (CLONE_VFORK). The callback follows the contract in this
-    // function's documentation; `arg` points to the caller's closure.
-    let pid = unsafe {
-        let top = (stack.base as *mut u8).add(stack.len) as *mut libc::c_void;
-        libc::clone(
-            trampoline::<F>,
-            top,
-            flags,
-            child as *mut F as *mut libc::c_void,
-        )
-    };
+    // The top of the mapping: 16-byte aligned (its length is whole pages).
+    let top = (stack.base as *mut u8).wrapping_add(stack.len) as *mut libc::c_void;
+    let arg = child as *mut F as *mut libc::c_void;
+    // SAFETY: `top` ends a live mapping `stack` owns, borrowed until clone returns (CLONE_VFORK:
+    // the child is done with it by then); the callback keeps this function's documented contract.
+    let pid = unsafe { libc::clone(trampoline::<F>, top, flags, arg) };
     if pid == -1 {
         Err(nix::Error::last())
     } else {

@@ -284,6 +284,28 @@ fn spawn_sbxd(root: &Path) -> Child {
         .expect("spawn sbxd")
 }
 
+/// Runs `argv` in `sb` to the end: (exit code, stdout, stderr).
+pub async fn run(sb: &Sandbox, a: &[&str]) -> (i32, String, String) {
+    let p = sb
+        .exec(a.iter().copied())
+        .await
+        .unwrap_or_else(|e| panic!("exec {a:?}: {e}"));
+    let (out, err) = tokio::join!(p.stdout().read_text(), p.stderr().read_text());
+    let rc = p.wait().await.unwrap_or_else(|e| panic!("wait {a:?}: {e}"));
+    (
+        rc,
+        out.unwrap_or_else(|e| panic!("stdout of {a:?}: {e}")),
+        err.unwrap_or_else(|e| panic!("stderr of {a:?}: {e}")),
+    )
+}
+
+/// Runs `argv` in `sb`, asserts exit 0 and returns stdout.
+pub async fn run_ok(sb: &Sandbox, a: &[&str]) -> String {
+    let (rc, out, err) = run(sb, a).await;
+    assert_eq!(rc, 0, "{a:?} failed: stdout={out:?} stderr={err:?}");
+    out
+}
+
 /// Runs `sh -c script` in `sb`; its exit code and stdout.
 pub async fn sh(sb: &Sandbox, script: &str) -> (i32, String) {
     let p = sb.exec(["/bin/sh", "-c", script]).await.expect("exec");
